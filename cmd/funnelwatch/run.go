@@ -1,0 +1,223 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"runtime/debug"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/segmentio/kafka-go"
+	"golang.org/x/sync/errgroup"
+	"gopkg.in/yaml.v3"
+
+	"github.com/funnelwatch/funnelwatch/processor"
+	"github.com/funnelwatch/funnelwatch/store"
+)
+
+// version and revision are stamped at build time:
+// go build -ldflags "-X main.version=v1.2.3 -X main.revision=abc123".
+var version, revision string
+
+func buildRevision() string {
+	if revision != "" {
+		return revision
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range bi.Settings {
+			if s.Key == "vcs.revision" {
+				return s.Value
+			}
+		}
+	}
+	return ""
+}
+
+// configFlags are the process-level settings that flags override (SPEC §7).
+type configFlags struct {
+	file, listen, webConfig, storeDir, brokers, logLevel, logFormat string
+}
+
+func (c *configFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&c.file, "config.file", "", "path of funnelwatch.yaml (defaults apply to every key it leaves out)")
+	fs.StringVar(&c.listen, "web.listen-address", "", "override web.listen_address")
+	fs.StringVar(&c.webConfig, "web.config.file", "", "exporter-toolkit web config file for TLS and basic auth (overrides web.config_file)")
+	fs.StringVar(&c.storeDir, "store.dir", "", "override store.dir")
+	fs.StringVar(&c.brokers, "kafka.brokers", "", "override kafka.brokers (comma-separated)")
+	fs.StringVar(&c.logLevel, "log.level", "", "override log.level (debug, info, warn, error)")
+	fs.StringVar(&c.logFormat, "log.format", "", "override log.format (json, logfmt)")
+}
+
+// load reads the config file (or the defaults), applies the flags and
+// validates the result.
+func (c *configFlags) load() (processor.Config, error) {
+	var b []byte
+	if c.file != "" {
+		var err error
+		if b, err = os.ReadFile(c.file); err != nil {
+			return processor.Config{}, fmt.Errorf("read config: %w", err)
+		}
+	}
+	return c.parse(b)
+}
+
+func (c *configFlags) parse(b []byte) (processor.Config, error) {
+	cfg, err := processor.ParseConfig(b)
+	if err != nil && c.file != "" {
+		err = fmt.Errorf("config %q: %w", c.file, err)
+	}
+	if err != nil {
+		return cfg, err
+	}
+	if c.listen != "" {
+		cfg.Web.ListenAddress = c.listen
+	}
+	if c.webConfig != "" {
+		cfg.Web.ConfigFile = c.webConfig
+	}
+	if c.storeDir != "" {
+		cfg.Store.Dir = c.storeDir
+	}
+	if c.brokers != "" {
+		cfg.Kafka.Brokers = strings.Split(c.brokers, ",")
+	}
+	if c.logLevel != "" {
+		cfg.Log.Level = c.logLevel
+	}
+	if c.logFormat != "" {
+		cfg.Log.Format = c.logFormat
+	}
+	return cfg, cfg.Validate()
+}
+
+func newLogger(w io.Writer, cfg processor.LogConfig) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(cfg.Level))
+	opts := &slog.HandlerOptions{Level: level}
+	if cfg.Format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+func runRun(ctx context.Context, args []string, _, stderr io.Writer) error {
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var cf configFlags
+	cf.register(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := cf.load()
+	if err != nil {
+		return err
+	}
+	logger := newLogger(stderr, cfg.Log)
+	return serve(ctx, cfg, logger, nil)
+}
+
+// serve runs the processor, the consumer and the web server until ctx is
+// done. When l is not nil the web server uses it instead of listening on
+// the configured address.
+func serve(ctx context.Context, cfg processor.Config, logger *slog.Logger, l net.Listener) error {
+	st, err := store.Open(cfg.Store.Dir, store.Options{Logger: logger})
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	opts := processor.Options{Logger: logger, Registerer: reg, Version: version, Revision: buildRevision()}
+	if cfg.Kafka.DeadLetterTopic != "" {
+		transport, err := cfg.Kafka.Transport()
+		if err != nil {
+			return err
+		}
+		w := &kafka.Writer{
+			Addr:                   kafka.TCP(cfg.Kafka.Brokers...),
+			Transport:              transport,
+			AllowAutoTopicCreation: true,
+			RequiredAcks:           kafka.RequireAll,
+			BatchTimeout:           10 * time.Millisecond,
+		}
+		defer w.Close()
+		opts.DeadLetter = w
+	}
+	start := time.Now()
+	p, err := processor.New(cfg, st, opts)
+	if err != nil {
+		return err
+	}
+	logger.Info("store loaded", "dir", cfg.Store.Dir, "took", time.Since(start).Round(time.Millisecond))
+	c, err := processor.NewConsumer(cfg, p, logger)
+	if err != nil {
+		return err
+	}
+	srv := processor.NewServer(cfg.Web, p, c, reg, logger)
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return p.Run(gctx) })
+	g.Go(func() error { return c.Run(gctx) })
+	g.Go(func() error {
+		if l != nil {
+			return srv.Serve(gctx, l)
+		}
+		return srv.Run(gctx)
+	})
+	logger.Info("funnelwatch running", "version", version, "listen", cfg.Web.ListenAddress, "brokers", cfg.Kafka.Brokers, "group", cfg.Kafka.Group)
+	err = g.Wait()
+	logger.Info("funnelwatch stopped")
+	return err
+}
+
+func runCheckConfig(_ context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("check-config", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var cf configFlags
+	cf.register(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := cf.load()
+	if err != nil {
+		return err
+	}
+	out, err := yaml.Marshal(cfg)
+	if err != nil {
+		return fmt.Errorf("print config: %w", err)
+	}
+	fmt.Fprintf(stdout, "# configuration is valid; effective values including defaults:\n%s", out)
+	return nil
+}
+
+func runInspect(_ context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("inspect", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var cf configFlags
+	cf.register(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := cf.load()
+	if err != nil {
+		return err
+	}
+	if _, err := os.Stat(cfg.Store.Dir); err != nil {
+		return fmt.Errorf("inspect: %w", err)
+	}
+	st, err := store.Open(cfg.Store.Dir, store.Options{ReadOnly: true})
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	return processor.Inspect(stdout, cfg, st)
+}
+

@@ -1,0 +1,389 @@
+package processor
+
+import (
+	"fmt"
+	"math"
+
+	"github.com/funnelwatch/funnelwatch/store"
+)
+
+// segment is the per-segment state of one breakdown's segment: deltas not
+// yet flushed, the sums of every moving range as of the last flush, and the
+// result of the last degradation evaluation.
+type segment struct {
+	key       store.Segment
+	breakdown int
+	labels    []string // values of the breakdown's dimensions
+
+	// pending holds per-bucket deltas since the last flush; last caches the
+	// most recently used bucket because events arrive roughly in time order.
+	pending map[int64]store.Vector
+	lastB   int64
+	last    store.Vector
+
+	sums        []int64 // len(ranges) * vecLen
+	totals      []int64 // all-time events per stage
+	totalsDelta []int64
+
+	status []bool // degraded flag per alerting step, then volume
+	eval   []stepEval
+	vol    volumeEval
+	// statusDirty is set when status changed since the last flush.
+	statusDirty bool
+}
+
+// stepEval is a degradation evaluation of one alerting step.
+type stepEval struct {
+	available bool // at least one shifted window of history
+	x, n      int64
+	x0, n0    int64
+	z         float64
+	zOK       bool
+	weeksUsed int
+}
+
+// volumeEval is the volume evaluation of the first stage.
+type volumeEval struct {
+	available bool
+	n         int64
+	lambda    float64
+	z         float64
+	zOK       bool
+}
+
+func (p *Processor) newSegment(key store.Segment) *segment {
+	l := p.layout
+	bd := key.Breakdown()
+	s := &segment{
+		key:         key,
+		breakdown:   bd,
+		pending:     map[int64]store.Vector{},
+		sums:        make([]int64, len(l.ranges)*l.vecLen),
+		totals:      make([]int64, l.stages),
+		totalsDelta: make([]int64, l.stages),
+		status:      make([]bool, l.alertingSteps()+1),
+		eval:        make([]stepEval, len(l.steps)),
+	}
+	ids := key.IDs()
+	for i, dim := range p.breakdownDims[bd] {
+		if i < len(ids) {
+			s.labels = append(s.labels, p.dict.value(dim, ids[i]))
+		}
+	}
+	p.segments[key] = s
+	p.segmentList = append(p.segmentList, s)
+	return s
+}
+
+// segmentFor returns the segment with the given key, creating it.
+func (p *Processor) segmentFor(key []byte) *segment {
+	if s, ok := p.segments[store.Segment(key)]; ok {
+		return s
+	}
+	return p.newSegment(store.Segment(key))
+}
+
+// vec returns the pending delta vector of bucket b, creating it.
+func (s *segment) vec(p *Processor, b int64) store.Vector {
+	if s.last != nil && s.lastB == b {
+		return s.last
+	}
+	v, ok := s.pending[b]
+	if !ok {
+		v = make(store.Vector, p.layout.vecLen)
+		if len(s.pending) == 0 {
+			p.dirtySegments = append(p.dirtySegments, s)
+		}
+		s.pending[b] = v
+	}
+	s.lastB, s.last = b, v
+	return v
+}
+
+func (s *segment) sum(l *layout, r, i int) int64 { return s.sums[r*l.vecLen+i] }
+
+// addToRanges adds v (times sign) to every range that holds bucket b, at
+// the current positions.
+func (p *Processor) addToRanges(s *segment, b int64, v store.Vector, sign int64) {
+	l := p.layout
+	for r, pos := range p.positions {
+		if b < pos.lo || b > pos.hi {
+			continue
+		}
+		sums := s.sums[r*l.vecLen : (r+1)*l.vecLen]
+		for i, x := range v {
+			if i < len(sums) {
+				sums[i] += sign * x
+			}
+		}
+	}
+}
+
+type position struct{ lo, hi int64 }
+
+// advance moves every range to the positions of now, adding the buckets
+// that enter a range and subtracting the ones that leave it, read back from
+// the store. It must run right after a commit, so the store holds every
+// bucket the sums hold.
+func (p *Processor) advance(now int64) error {
+	l := p.layout
+	for r, spec := range l.ranges {
+		lo, hi := spec.bounds(now, l.bucket)
+		old := p.positions[r]
+		if old == (position{lo, hi}) && p.positioned {
+			continue
+		}
+		next := position{lo, hi}
+		var add, sub []position
+		if !p.positioned {
+			add = []position{next}
+		} else {
+			add = minus(next, old)
+			sub = minus(old, next)
+		}
+		for _, iv := range sub {
+			if err := p.scanInto(r, iv, -1); err != nil {
+				return err
+			}
+		}
+		for _, iv := range add {
+			if err := p.scanInto(r, iv, +1); err != nil {
+				return err
+			}
+		}
+		p.positions[r] = next
+	}
+	p.positioned = true
+	return nil
+}
+
+// minus returns the parts of a that are not in b.
+func minus(a, b position) []position {
+	if b.hi < a.lo || b.lo > a.hi {
+		return []position{a}
+	}
+	var out []position
+	if a.lo < b.lo {
+		out = append(out, position{a.lo, b.lo - 1})
+	}
+	if a.hi > b.hi {
+		out = append(out, position{b.hi + 1, a.hi})
+	}
+	return out
+}
+
+func (p *Processor) scanInto(r int, iv position, sign int64) error {
+	// A range never reaches below retention, so clamp to it: older buckets
+	// are gone or about to be.
+	vl := p.layout.vecLen
+	return p.st.Buckets(iv.lo, iv.hi, func(_ int64, key []byte, v store.Vector) {
+		s := p.segmentFor(key)
+		sums := s.sums[r*vl : (r+1)*vl]
+		for i, x := range v {
+			if i < vl {
+				sums[i] += sign * x
+			}
+		}
+	})
+}
+
+// loadRanges computes every range's sums from the store in one scan over
+// the union of the ranges, for start-up.
+func (p *Processor) loadRanges(now int64) error {
+	l := p.layout
+	lo, hi := int64(math.MaxInt64), int64(math.MinInt64)
+	for r, spec := range l.ranges {
+		a, b := spec.bounds(now, l.bucket)
+		p.positions[r] = position{a, b}
+		lo, hi = min(lo, a), max(hi, b)
+	}
+	p.positioned = true
+	for _, s := range p.segmentList {
+		clear(s.sums)
+	}
+	return p.st.Buckets(lo, hi, func(b int64, key []byte, v store.Vector) {
+		p.addToRanges(p.segmentFor(key), b, v, +1)
+	})
+}
+
+// evaluate runs degradation and volume detection (SPEC §3) on every
+// segment at the current positions, with hysteresis.
+func (p *Processor) evaluate() {
+	l := p.layout
+	a := p.cfg.Alerts
+	histStart := p.historyStart
+	for _, s := range p.segmentList {
+		for t, sl := range l.steps {
+			if !sl.alerting {
+				continue
+			}
+			e := stepEval{}
+			cur := sl.cohort[sl.window]
+			e.x, e.n = s.sum(l, cur, l.converted(t)), s.sum(l, cur, l.entered(t))
+			for _, r := range sl.baseline {
+				if !p.hasHistory || p.positions[r].lo < histStart {
+					break
+				}
+				e.available = true
+				e.weeksUsed++
+				e.x0 += s.sum(l, r, l.converted(t))
+				e.n0 += s.sum(l, r, l.entered(t))
+			}
+			on := false
+			if e.available && e.n > 0 && e.n0 > 0 {
+				x, n, x0, n0 := float64(e.x), float64(e.n), float64(e.x0), float64(e.n0)
+				pp, p0 := x/n, x0/n0
+				pbar := (x + x0) / (n + n0)
+				if pbar > 0 && pbar < 1 {
+					e.z = (pp - p0) / math.Sqrt(pbar*(1-pbar)*(1/n+1/n0))
+					e.zOK = true
+				}
+				sample := e.n >= int64(a.MinEntered) && n*p0 >= a.MinExpected
+				was := s.status[sl.statusIdx]
+				switch {
+				case !e.zOK || !sample:
+					on = false
+				case was:
+					on = e.z <= -a.ZOff
+				default:
+					on = e.z <= -a.ZOn && pp <= (1-a.MinDrop)*p0
+				}
+			}
+			s.eval[t] = e
+			p.setStatus(s, sl.statusIdx, on)
+		}
+
+		v := volumeEval{}
+		first := l.entities(l.firstStage)
+		v.n = s.sum(l, l.volume.current, first)
+		var n0 int64
+		k := 0
+		for _, r := range l.volume.baseline {
+			if !p.hasHistory || p.positions[r].lo < histStart {
+				break
+			}
+			k++
+			n0 += s.sum(l, r, first)
+		}
+		on := false
+		if k > 0 {
+			v.available = true
+			v.lambda = float64(n0) / float64(k)
+			if v.lambda > 0 {
+				v.z = (float64(v.n) - v.lambda) / math.Sqrt(v.lambda)
+				v.zOK = true
+			}
+			was := s.status[len(s.status)-1]
+			switch {
+			case !v.zOK || v.lambda < a.MinExpected:
+			case was:
+				on = v.z <= -a.ZOff
+			default:
+				on = v.z <= -a.ZOn && float64(v.n) <= (1-a.MinDrop)*v.lambda
+			}
+		}
+		s.vol = v
+		p.setStatus(s, len(s.status)-1, on)
+	}
+}
+
+func (p *Processor) setStatus(s *segment, i int, on bool) {
+	if s.status[i] != on {
+		s.status[i] = on
+		if !s.statusDirty {
+			s.statusDirty = true
+			p.statusDirty = append(p.statusDirty, s)
+		}
+	}
+}
+
+func (s *segment) statusVector() store.Vector {
+	v := make(store.Vector, len(s.status))
+	for i, on := range s.status {
+		if on {
+			v[i] = 1
+		}
+	}
+	return v
+}
+
+// dictionary assigns ids to dimension values, first come, up to max_values
+// per dimension (SPEC §3), and remembers them in the store.
+type dictionary struct {
+	dims      []string
+	ids       []map[string]uint32
+	values    [][]string
+	maxValues int
+	// fresh lists the values assigned since the last flush.
+	fresh []freshValue
+}
+
+type freshValue struct {
+	dim   int
+	value string
+	id    uint32
+}
+
+// Reserved ids. Their values are not counted toward max_values.
+const (
+	idUnknown uint32 = iota
+	idInvalid
+	idOther
+	firstValueID
+)
+
+func newDictionary(dims []string, maxValues int) *dictionary {
+	d := &dictionary{dims: dims, maxValues: maxValues}
+	for range dims {
+		d.ids = append(d.ids, map[string]uint32{})
+		d.values = append(d.values, []string{"unknown", "invalid", "other"})
+	}
+	return d
+}
+
+func (d *dictionary) load(dim, value string, id uint32) error {
+	for i, name := range d.dims {
+		if name != dim {
+			continue
+		}
+		if id < firstValueID {
+			return fmt.Errorf("dictionary id %d of %s=%q out of range", id, dim, value)
+		}
+		d.ids[i][value] = id
+		for uint32(len(d.values[i])) <= id {
+			d.values[i] = append(d.values[i], "")
+		}
+		d.values[i][id] = value
+	}
+	return nil
+}
+
+// id returns the id of a raw value of dimension i; overflow reports that the
+// value was new but the dimension was full.
+func (d *dictionary) id(i int, raw []byte, invalid bool) (id uint32, overflow bool) {
+	switch {
+	case invalid:
+		return idInvalid, false
+	case raw == nil:
+		return idUnknown, false
+	}
+	if id, ok := d.ids[i][string(raw)]; ok {
+		return id, false
+	}
+	if len(d.ids[i]) >= d.maxValues {
+		return idOther, true
+	}
+	id = uint32(len(d.values[i]))
+	v := string(raw)
+	d.ids[i][v] = id
+	d.values[i] = append(d.values[i], v)
+	d.fresh = append(d.fresh, freshValue{i, v, id})
+	return id, false
+}
+
+func (d *dictionary) value(i int, id uint32) string {
+	if int(id) < len(d.values[i]) {
+		return d.values[i][id]
+	}
+	return "unknown"
+}

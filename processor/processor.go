@@ -1,0 +1,914 @@
+// Package processor consumes funnel events from Kafka and turns them into
+// per-segment conversion numbers (SPEC §3) kept in a store and exposed as
+// Prometheus metrics.
+//
+// The pieces, in the order a record meets them: the Consumer reads
+// partitions as a Kafka consumer group and decodes records with a Decoder;
+// the Processor applies decoded batches to per-entity state (first touch,
+// reach times, deduplication, cohort crediting) and to per-segment bucket
+// deltas, all in memory; every flush interval it writes the deltas, the
+// entity states and the offsets of the applied records in one store batch,
+// then moves every window's running sums and evaluates degradation. The
+// Collector exposes the result at scrape time.
+package processor
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/segmentio/kafka-go"
+
+	"github.com/funnelwatch/funnelwatch/store"
+)
+
+// DeadLetterWriter receives copies of invalid records. *kafka.Writer
+// satisfies it.
+type DeadLetterWriter interface {
+	WriteMessages(ctx context.Context, msgs ...kafka.Message) error
+}
+
+// Options are the dependencies of a Processor.
+type Options struct {
+	// Logger defaults to discarding.
+	Logger *slog.Logger
+	// Registerer receives the processor's own metrics and its Collector;
+	// nil registers nothing.
+	Registerer prometheus.Registerer
+	// Now is the wall clock; nil means time.Now.
+	Now func() time.Time
+	// DeadLetter, when set, receives invalid records before the flush that
+	// accounts for them commits (at least once).
+	DeadLetter DeadLetterWriter
+	// Version and Revision label funnel_build_info.
+	Version, Revision string
+}
+
+// Processor holds the state of every assigned partition's entities and of
+// every segment. ApplyBatch, Flush and the Collector are safe for concurrent
+// use; they serialise on one mutex. The caller owns the store and closes it
+// after Run returns.
+type Processor struct {
+	cfg           Config
+	st            *store.Store
+	logger        *slog.Logger
+	now           func() time.Time
+	dlq           DeadLetterWriter
+	layout        *layout
+	breakdownDims [][]int
+	topicStage    map[string]int
+	eventClock    bool
+	bucketMs      int64
+	retentionMs   int64
+	maxFutureMs   int64
+	ttlMs         int64
+	metrics       *metrics
+	// stalled is set while flushes fail, so readers stop feeding state
+	// that cannot be written.
+	stalled atomic.Bool
+
+	mu            sync.Mutex
+	entities      map[string]*entity
+	dict          *dictionary
+	segments      map[store.Segment]*segment
+	segmentList   []*segment
+	dirtySegments []*segment
+	statusDirty   []*segment
+	positions     []position
+	positioned    bool
+	parts         map[store.TopicPartition]*partition
+	hist          [][]int64 // per step: bucket counts then sum in ms
+	histDelta     [][]int64
+	overflow      []int64 // per dimension
+	overflowDelta []int64
+	clock         int64 // event clock (ms); 0 until the first event
+	historyStart  int64 // bucket of the earliest accepted event
+	hasHistory    bool
+	lastEvent     int64 // ms
+	entityCount   int64
+	deletedBefore int64 // buckets below this were deleted
+	sweepAfter    []byte
+	deadLetters   []kafka.Message
+	keyBuf        []byte
+}
+
+// entity is a cached entity state with its resolved segments (one per
+// breakdown).
+type entity struct {
+	partition int
+	id        []byte
+	st        store.Entity
+	segs      []*segment
+	dirty     bool
+}
+
+// partition is the processing position and the counters of one partition.
+type partition struct {
+	tp     store.TopicPartition
+	next   int64 // next offset to apply; -1 when none was applied or stored
+	stored int64 // next offset as of the last commit; -1 when none
+	hwm    int64 // high watermark last seen; -1 unknown
+	// assigned is true while this process consumes the partition.
+	assigned bool
+	// target is the high watermark when the partition was assigned:
+	// reaching it ends the initial catch-up.
+	target  int64
+	counts  partCounts
+	flushed partCounts
+}
+
+// partCounts are the process counters of one partition (SPEC §4.1); they
+// are stored scoped by partition so they can move with it.
+type partCounts struct {
+	consumed, applied, duplicate, late int64
+	invalid                            [numReasons]int64
+}
+
+// Counter names in the store.
+const (
+	ctrConsumed  = "consumed"
+	ctrApplied   = "applied"
+	ctrDuplicate = "duplicate"
+	ctrLate      = "late"
+	ctrInvalid   = "invalid:"
+	ctrOverflow  = "overflow"
+)
+
+// Meta names in the store.
+const (
+	metaClock         = "clock"
+	metaHistoryStart  = "history_start"
+	metaEntities      = "entities"
+	metaDeletedBefore = "deleted_before"
+	metaLastEvent     = "last_event"
+)
+
+// ttcBounds are the upper bounds (seconds) of funnel_time_to_convert_seconds.
+var ttcBounds = []float64{60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800, 345600, 604800, 1209600, 2592000}
+
+// New builds a processor on an open store and loads its state. cfg must be
+// valid (see Config.Validate).
+func New(cfg Config, st *store.Store, o Options) (*Processor, error) {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	p := &Processor{
+		cfg:           cfg,
+		st:            st,
+		logger:        o.Logger,
+		now:           o.Now,
+		dlq:           o.DeadLetter,
+		layout:        newLayout(&cfg),
+		topicStage:    map[string]int{},
+		eventClock:    cfg.Time.Clock == ClockEvent,
+		bucketMs:      D(cfg.Time.Bucket).Milliseconds(),
+		retentionMs:   D(cfg.Time.Retention).Milliseconds(),
+		maxFutureMs:   D(cfg.Time.MaxFuture).Milliseconds(),
+		ttlMs:         D(cfg.Time.EntityTTL).Milliseconds(),
+		entities:      map[string]*entity{},
+		dict:          newDictionary(cfg.Segments.Dimensions, cfg.Segments.MaxValues),
+		segments:      map[store.Segment]*segment{},
+		parts:         map[store.TopicPartition]*partition{},
+		overflow:      make([]int64, len(cfg.Segments.Dimensions)),
+		deletedBefore: -1 << 62,
+	}
+	p.overflowDelta = make([]int64, len(p.overflow))
+	p.positions = make([]position, len(p.layout.ranges))
+	for _, b := range cfg.Segments.Breakdowns {
+		var idx []int
+		for _, d := range b {
+			idx = append(idx, slices.Index(cfg.Segments.Dimensions, d))
+		}
+		p.breakdownDims = append(p.breakdownDims, idx)
+	}
+	for _, t := range cfg.Kafka.Topics {
+		p.topicStage[t.Name] = slices.Index(cfg.Funnel.Stages, t.Type)
+	}
+	for range cfg.Funnel.Steps {
+		p.hist = append(p.hist, make([]int64, len(ttcBounds)+2))
+		p.histDelta = append(p.histDelta, make([]int64, len(ttcBounds)+2))
+	}
+	if err := p.load(); err != nil {
+		return nil, fmt.Errorf("load state: %w", err)
+	}
+	p.metrics = newMetrics(p, o)
+	if o.Registerer != nil {
+		if err := p.metrics.register(o.Registerer); err != nil {
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+func (p *Processor) load() error {
+	if err := p.st.Dictionary(func(dim, value string, id uint32) {
+		if err := p.dict.load(dim, value, id); err != nil {
+			p.logger.Warn("skipping dictionary entry", "err", err)
+		}
+	}); err != nil {
+		return err
+	}
+	if err := p.st.Totals(func(seg store.Segment, v store.Vector) {
+		if seg.Breakdown() >= len(p.breakdownDims) || len(seg.IDs()) != len(p.breakdownDims[seg.Breakdown()]) {
+			return // a breakdown the config no longer has
+		}
+		s := p.newSegment(seg)
+		copy(s.totals, v)
+	}); err != nil {
+		return err
+	}
+	if err := p.st.Statuses(func(seg store.Segment, v store.Vector) {
+		if s, ok := p.segments[seg]; ok {
+			for i := range s.status {
+				s.status[i] = i < len(v) && v[i] == 1
+			}
+		}
+	}); err != nil {
+		return err
+	}
+	if err := p.st.Histograms(func(step int, v store.Vector) {
+		if step < len(p.hist) {
+			copy(p.hist[step], v)
+		}
+	}); err != nil {
+		return err
+	}
+	offsets, err := p.st.Offsets()
+	if err != nil {
+		return err
+	}
+	for tp, off := range offsets {
+		part := p.partition(tp.Topic, tp.Partition)
+		part.next, part.stored = off, off
+	}
+	if err := p.st.Counters(func(scope uint32, name, label string, v int64) {
+		if scope == store.GlobalScope {
+			if name == ctrOverflow {
+				if i := slices.Index(p.cfg.Segments.Dimensions, label); i >= 0 {
+					p.overflow[i] = v
+				}
+			}
+			return
+		}
+		c := &p.partition(label, int(scope)).counts
+		switch name {
+		case ctrConsumed:
+			c.consumed = v
+		case ctrApplied:
+			c.applied = v
+		case ctrDuplicate:
+			c.duplicate = v
+		case ctrLate:
+			c.late = v
+		default:
+			for r := ReasonMalformedJSON; r < numReasons; r++ {
+				if name == ctrInvalid+r.String() {
+					c.invalid[r] = v
+				}
+			}
+		}
+	}); err != nil {
+		return err
+	}
+	for _, part := range p.parts {
+		part.flushed = part.counts
+	}
+	for _, m := range []struct {
+		name string
+		dst  *int64
+	}{
+		{metaClock, &p.clock}, {metaEntities, &p.entityCount}, {metaDeletedBefore, &p.deletedBefore},
+		{metaLastEvent, &p.lastEvent}, {metaHistoryStart, &p.historyStart},
+	} {
+		v, ok, err := p.st.Meta(m.name)
+		if err != nil {
+			return err
+		}
+		if ok {
+			*m.dst = v
+			if m.name == metaHistoryStart {
+				p.hasHistory = true
+			}
+		}
+	}
+	if err := p.loadRanges(p.clockNow()); err != nil {
+		return err
+	}
+	p.evaluate()
+	return nil
+}
+
+func (p *Processor) partition(topic string, part int) *partition {
+	tp := store.TopicPartition{Topic: topic, Partition: part}
+	if pt, ok := p.parts[tp]; ok {
+		return pt
+	}
+	pt := &partition{tp: tp, next: -1, stored: -1, hwm: -1}
+	p.parts[tp] = pt
+	return pt
+}
+
+// clockNow is the processor clock (SPEC §3) in Unix ms.
+func (p *Processor) clockNow() int64 {
+	if p.eventClock {
+		return p.clock
+	}
+	return p.now().UnixMilli()
+}
+
+// NextOffset returns the next offset to read of a partition: the one after
+// the last applied record, or, when none was, the stored one. ok is false
+// when the partition was never consumed.
+func (p *Processor) NextOffset(topic string, partition int) (next int64, ok bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if pt, ok := p.parts[store.TopicPartition{Topic: topic, Partition: partition}]; ok && pt.next >= 0 {
+		return pt.next, true
+	}
+	return 0, false
+}
+
+// StoredOffsets returns, for the given partitions, the next offset to read
+// as committed in the store: safe to commit to Kafka.
+func (p *Processor) StoredOffsets(tps []store.TopicPartition) map[string]map[int]int64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := map[string]map[int]int64{}
+	for _, tp := range tps {
+		pt, ok := p.parts[tp]
+		if !ok || pt.stored < 0 {
+			continue
+		}
+		if out[tp.Topic] == nil {
+			out[tp.Topic] = map[int]int64{}
+		}
+		out[tp.Topic][tp.Partition] = pt.stored
+	}
+	return out
+}
+
+// SetAssignment records which partitions this process consumes now and
+// the high watermark each had when it was assigned; nil means none.
+func (p *Processor) SetAssignment(hwm map[store.TopicPartition]int64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, part := range p.parts {
+		part.assigned = false
+	}
+	for tp, h := range hwm {
+		part := p.partition(tp.Topic, tp.Partition)
+		part.assigned, part.target = true, h
+		if h > part.hwm {
+			part.hwm = h
+		}
+	}
+}
+
+// CaughtUp reports whether every assigned partition has been applied up to
+// the high watermark it had when it was assigned: the initial catch-up
+// after a start or a rebalance is over.
+func (p *Processor) CaughtUp() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, part := range p.parts {
+		if part.assigned && max(part.next, 0) < part.target {
+			return false
+		}
+	}
+	return true
+}
+
+// Stalled reports whether the last flush failed; readers wait while it is
+// set, so that no more state piles up in memory than one flush could write.
+func (p *Processor) Stalled() bool { return p.stalled.Load() }
+
+// Batch is a run of consecutive records of one partition, decoded. Build it
+// with Add and hand it to ApplyBatch; Reset makes it reusable.
+type Batch struct {
+	Topic         string
+	Partition     int
+	HighWaterMark int64
+	Records       []Record
+	arena         []byte
+}
+
+// Record is one decoded record of a Batch.
+type Record struct {
+	Offset int64
+	// Reason is the decoding outcome: Applied when Event is usable.
+	Reason Reason
+	Event  Event
+	// Key and Value are kept for invalid records, for the dead-letter topic.
+	Key, Value []byte
+	Time       time.Time
+}
+
+// Reset empties the batch, keeping its memory.
+func (b *Batch) Reset() {
+	b.Records = b.Records[:0]
+	b.arena = b.arena[:0]
+}
+
+// Add decodes m with d and appends it, copying what the decoded event
+// points to. topicStage is the topic's stage, or -1.
+func (b *Batch) Add(d *Decoder, topicStage int, m *kafka.Message) {
+	b.Records = slices.Grow(b.Records, 1)[:len(b.Records)+1]
+	r := &b.Records[len(b.Records)-1]
+	r.Offset, r.Time = m.Offset, m.Time
+	r.Key, r.Value = nil, nil
+	r.Reason = d.Decode(m.Value, topicStage, m.Time, &r.Event)
+	if r.Reason != Applied {
+		r.Key, r.Value = m.Key, m.Value
+		return
+	}
+	ev := &r.Event
+	start := len(b.arena)
+	b.arena = append(b.arena, ev.Entity...)
+	for _, dv := range ev.Dims {
+		b.arena = append(b.arena, dv...)
+	}
+	// The arena may have moved: slice it only after the last append.
+	off := start
+	ev.Entity = b.arena[off : off+len(ev.Entity) : off+len(ev.Entity)]
+	off += len(ev.Entity)
+	for i, dv := range ev.Dims {
+		if dv == nil {
+			continue
+		}
+		ev.Dims[i] = b.arena[off : off+len(dv) : off+len(dv)]
+		off += len(dv)
+	}
+	if m.HighWaterMark > b.HighWaterMark {
+		b.HighWaterMark = m.HighWaterMark
+	}
+}
+
+// ApplyBatch applies a batch to the in-memory state. Records at offsets
+// below the partition's next offset were applied before and are skipped, so
+// a redelivered batch changes nothing.
+func (p *Processor) ApplyBatch(b *Batch) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	part := p.partition(b.Topic, b.Partition)
+	if b.HighWaterMark > part.hwm {
+		part.hwm = b.HighWaterMark
+	}
+	topicStage := p.topicStage[b.Topic]
+	_ = topicStage
+	wall := int64(0)
+	if !p.eventClock {
+		wall = p.now().UnixMilli()
+	}
+	for i := range b.Records {
+		r := &b.Records[i]
+		if part.next >= 0 && r.Offset < part.next {
+			continue
+		}
+		part.next = r.Offset + 1
+		part.counts.consumed++
+		reason := r.Reason
+		if reason == Applied {
+			now := wall
+			if p.eventClock {
+				now = p.clock
+			}
+			reason = p.apply(b.Partition, &r.Event, now)
+		}
+		switch {
+		case reason == Applied:
+			part.counts.applied++
+		case reason == Duplicate:
+			part.counts.duplicate++
+		case reason == Late:
+			part.counts.late++
+		default:
+			part.counts.invalid[reason]++
+			if p.dlq != nil && p.cfg.Kafka.DeadLetterTopic != "" {
+				p.deadLetters = append(p.deadLetters, deadLetter(p.cfg.Kafka.DeadLetterTopic, b, r, reason))
+			}
+		}
+	}
+}
+
+func deadLetter(topic string, b *Batch, r *Record, reason Reason) kafka.Message {
+	return kafka.Message{
+		Topic: topic,
+		Key:   r.Key,
+		Value: r.Value,
+		Time:  r.Time,
+		Headers: []kafka.Header{
+			{Key: "funnelwatch-reason", Value: []byte(reason.String())},
+			{Key: "funnelwatch-source", Value: fmt.Appendf(nil, "%s/%d/%d", b.Topic, b.Partition, r.Offset)},
+		},
+	}
+}
+
+// apply applies one decoded event at processor time now and returns its
+// outcome.
+func (p *Processor) apply(partition int, ev *Event, now int64) Reason {
+	if now != 0 && ev.Time > now+p.maxFutureMs {
+		return ReasonFutureTime
+	}
+	b := floorDiv(ev.Time, p.bucketMs)
+	if now != 0 && b < floorDiv(now-p.retentionMs, p.bucketMs) {
+		return Late
+	}
+	e := p.entity(partition, ev.Entity)
+	if e == nil {
+		return ReasonBadEntity // unreadable stored state; counted, not fatal
+	}
+	if len(e.st.Reached) > 0 && now != 0 && now-e.st.LastSeen > p.ttlMs {
+		// Expired: the entity starts afresh (SPEC §3).
+		e.st.Dims, e.st.Reached, e.st.Seen = e.st.Dims[:0], e.st.Reached[:0], e.st.Seen[:0]
+		e.segs = nil
+	}
+	if ev.HasID && slices.Contains(e.st.Seen, ev.ID) {
+		return Duplicate
+	}
+
+	// Accepted.
+	if p.eventClock && ev.Time > p.clock {
+		p.clock = ev.Time
+	}
+	if !p.hasHistory || b < p.historyStart {
+		p.historyStart, p.hasHistory = b, true
+	}
+	p.lastEvent = max(p.lastEvent, ev.Time)
+	if len(e.st.Reached) == 0 {
+		p.firstTouch(e, ev)
+	}
+	e.dirty = true
+	e.st.LastSeen = max(e.st.LastSeen, ev.Time)
+	if ev.HasID {
+		if len(e.st.Seen) >= maxSeenIDs {
+			copy(e.st.Seen, e.st.Seen[1:])
+			e.st.Seen = e.st.Seen[:maxSeenIDs-1]
+		}
+		e.st.Seen = append(e.st.Seen, ev.ID)
+	}
+
+	l := p.layout
+	s := ev.Stage
+	for _, seg := range e.segs {
+		v := seg.vec(p, b)
+		v[l.events(s)]++
+		v[l.value(s)] += ev.Value
+		seg.totalsDelta[s]++
+	}
+	if e.st.Reached[s] != store.NotReached {
+		return Applied
+	}
+	e.st.Reached[s] = ev.Time
+	for _, seg := range e.segs {
+		seg.vec(p, b)[l.entities(s)]++
+	}
+	for t := range l.steps {
+		st := &l.steps[t]
+		switch s {
+		case st.from:
+			for _, seg := range e.segs {
+				seg.vec(p, b)[l.entered(t)]++
+			}
+			if tb := e.st.Reached[st.to]; tb != store.NotReached {
+				p.convert(e, t, ev.Time, tb, now)
+			}
+		case st.to:
+			if ta := e.st.Reached[st.from]; ta != store.NotReached {
+				p.convert(e, t, ta, ev.Time, now)
+			}
+		}
+	}
+	return Applied
+}
+
+// maxSeenIDs is how many recent event ids an entity remembers for
+// deduplication: redeliveries come close together, so a short history
+// catches them without letting state grow with an entity's events.
+const maxSeenIDs = 16
+
+// convert credits a conversion of step t to the entry bucket of ta when tb
+// is within the horizon.
+func (p *Processor) convert(e *entity, t int, ta, tb, now int64) {
+	st := &p.layout.steps[t]
+	if tb < ta || tb > ta+st.horizon {
+		return
+	}
+	b := floorDiv(ta, p.bucketMs)
+	if now != 0 && b < floorDiv(now-p.retentionMs, p.bucketMs) {
+		return // the entry bucket is past retention
+	}
+	for _, seg := range e.segs {
+		seg.vec(p, b)[p.layout.converted(t)]++
+	}
+	secs := float64(tb-ta) / 1000
+	i, _ := slices.BinarySearch(ttcBounds, secs)
+	p.histDelta[t][i]++
+	p.histDelta[t][len(ttcBounds)+1] += tb - ta
+}
+
+// firstTouch freezes the entity's segment from its first accepted event.
+func (p *Processor) firstTouch(e *entity, ev *Event) {
+	e.st.Dims = e.st.Dims[:0]
+	for i := range p.cfg.Segments.Dimensions {
+		var raw []byte
+		if i < len(ev.Dims) {
+			raw = ev.Dims[i]
+		}
+		id, overflow := p.dict.id(i, raw, ev.Invalid&(1<<i) != 0)
+		if overflow {
+			p.overflowDelta[i]++
+		}
+		e.st.Dims = append(e.st.Dims, id)
+	}
+	e.st.Reached = e.st.Reached[:0]
+	for range p.cfg.Funnel.Stages {
+		e.st.Reached = append(e.st.Reached, store.NotReached)
+	}
+	p.resolveSegments(e)
+}
+
+func (p *Processor) resolveSegments(e *entity) {
+	e.segs = e.segs[:0]
+	var key []byte
+	for bd, dims := range p.breakdownDims {
+		key = append(key[:0], byte(bd))
+		for _, d := range dims {
+			id := idUnknown
+			if d < len(e.st.Dims) {
+				id = e.st.Dims[d]
+			}
+			key = binary.BigEndian.AppendUint32(key, id)
+		}
+		e.segs = append(e.segs, p.segmentFor(key))
+	}
+}
+
+// entity returns the cached or stored state of an entity, or a new one.
+func (p *Processor) entity(partition int, id []byte) *entity {
+	p.keyBuf = binary.BigEndian.AppendUint32(p.keyBuf[:0], uint32(partition))
+	p.keyBuf = append(p.keyBuf, id...)
+	if e, ok := p.entities[string(p.keyBuf)]; ok {
+		return e
+	}
+	e := &entity{partition: partition, id: slices.Clone(id)}
+	var found bool
+	var err error
+	p.keyBuf, found, err = p.st.Entity(p.keyBuf, partition, id, &e.st)
+	if err != nil {
+		p.logger.Error("reading entity state", "entity", string(id), "err", err)
+		return nil
+	}
+	if found {
+		if len(e.st.Reached) != len(p.cfg.Funnel.Stages) || len(e.st.Dims) != len(p.cfg.Segments.Dimensions) {
+			// Stored under another funnel or dimension list: start afresh.
+			e.st = store.Entity{}
+		} else {
+			p.resolveSegments(e)
+		}
+	} else {
+		p.entityCount++
+	}
+	key := binary.BigEndian.AppendUint32(nil, uint32(partition))
+	p.entities[string(append(key, id...))] = e
+	return e
+}
+
+// Flush writes everything applied since the last flush in one store batch,
+// then moves the windows to the current clock and evaluates degradation.
+// When it fails nothing was written; the state stays in memory for the next
+// attempt and Stalled reports true until one succeeds.
+func (p *Processor) Flush(ctx context.Context) error {
+	start := time.Now()
+	p.mu.Lock()
+	err := p.flush(ctx)
+	p.mu.Unlock()
+	p.stalled.Store(err != nil)
+	p.metrics.flushDuration.Observe(time.Since(start).Seconds())
+	if err != nil {
+		p.metrics.flushErrors.Inc()
+	}
+	return err
+}
+
+func (p *Processor) flush(ctx context.Context) error {
+	now := p.clockNow()
+	if len(p.deadLetters) > 0 {
+		if err := p.dlq.WriteMessages(ctx, p.deadLetters...); err != nil {
+			return fmt.Errorf("write %d records to the dead-letter topic: %w", len(p.deadLetters), err)
+		}
+		p.deadLetters = p.deadLetters[:0]
+	}
+	batch := p.st.NewBatch()
+	for _, s := range p.dirtySegments {
+		for b, v := range s.pending {
+			batch.AddBucket(b, s.key, v)
+		}
+		batch.AddTotals(s.key, s.totalsDelta)
+	}
+	nEntities := 0
+	for _, e := range p.entities {
+		if e.dirty {
+			batch.SetEntity(e.partition, e.id, &e.st)
+			nEntities++
+		}
+	}
+	for _, f := range p.dict.fresh {
+		batch.SetDictValue(p.dict.dims[f.dim], f.value, f.id)
+	}
+	for i, d := range p.overflowDelta {
+		if d != 0 {
+			batch.AddCounter(store.GlobalScope, ctrOverflow, p.cfg.Segments.Dimensions[i], d)
+		}
+	}
+	for t, h := range p.histDelta {
+		if slices.ContainsFunc(h, func(x int64) bool { return x != 0 }) {
+			batch.AddHistogram(t, h)
+		}
+	}
+	for _, part := range p.parts {
+		if part.next >= 0 && part.next != part.stored {
+			batch.SetOffset(part.tp.Topic, part.tp.Partition, part.next)
+		}
+		writeCounters(batch, part)
+	}
+	for _, s := range p.statusDirty {
+		batch.SetStatus(s.key, s.statusVector())
+	}
+	if p.eventClock {
+		batch.SetMeta(metaClock, p.clock)
+	}
+	if p.hasHistory {
+		batch.SetMeta(metaHistoryStart, p.historyStart)
+	}
+	batch.SetMeta(metaEntities, p.entityCount)
+	batch.SetMeta(metaLastEvent, p.lastEvent)
+	cutoff := floorDiv(now-p.retentionMs, p.bucketMs)
+	deleting := now != 0 && cutoff > p.deletedBefore
+	if deleting {
+		batch.DeleteBucketsBefore(cutoff)
+		batch.SetMeta(metaDeletedBefore, cutoff)
+	}
+	if err := batch.Commit(); err != nil {
+		return err
+	}
+
+	// Committed: fold the deltas into the running sums and forget them.
+	for _, s := range p.dirtySegments {
+		for b, v := range s.pending {
+			p.addToRanges(s, b, v, +1)
+		}
+		clear(s.pending)
+		s.last = nil
+		for i, d := range s.totalsDelta {
+			s.totals[i] += d
+			s.totalsDelta[i] = 0
+		}
+	}
+	p.dirtySegments = p.dirtySegments[:0]
+	for _, e := range p.entities {
+		e.dirty = false
+	}
+	p.dict.fresh = p.dict.fresh[:0]
+	for i, d := range p.overflowDelta {
+		p.overflow[i] += d
+		p.overflowDelta[i] = 0
+	}
+	for t, h := range p.histDelta {
+		for i, x := range h {
+			p.hist[t][i] += x
+			h[i] = 0
+		}
+	}
+	for _, part := range p.parts {
+		part.stored = part.next
+		part.flushed = part.counts
+	}
+	for _, s := range p.statusDirty {
+		s.statusDirty = false
+	}
+	p.statusDirty = p.statusDirty[:0]
+	if deleting {
+		p.deletedBefore = cutoff
+	}
+
+	if now != 0 {
+		if err := p.advance(now); err != nil {
+			return fmt.Errorf("advance windows: %w", err)
+		}
+	}
+	p.evaluate()
+	if err := p.sweep(now); err != nil {
+		return err
+	}
+	p.evict()
+	return nil
+}
+
+func writeCounters(b *store.Batch, part *partition) {
+	scope := uint32(part.tp.Partition)
+	topic := part.tp.Topic
+	c, f := &part.counts, &part.flushed
+	add := func(name string, now, then int64) {
+		if now != then {
+			b.AddCounter(scope, name, topic, now-then)
+		}
+	}
+	add(ctrConsumed, c.consumed, f.consumed)
+	add(ctrApplied, c.applied, f.applied)
+	add(ctrDuplicate, c.duplicate, f.duplicate)
+	add(ctrLate, c.late, f.late)
+	for r := ReasonMalformedJSON; r < numReasons; r++ {
+		add(ctrInvalid+r.String(), c.invalid[r], f.invalid[r])
+	}
+}
+
+// sweepChunk is how many stored entities each flush checks for expiry, so
+// that expiry costs a bounded amount per flush however many entities exist.
+const sweepChunk = 20_000
+
+// sweep deletes a chunk of expired entities, resuming where the previous
+// sweep stopped.
+func (p *Processor) sweep(now int64) error {
+	if now == 0 {
+		return nil
+	}
+	var dead [][]byte
+	next, err := p.st.Entities(p.sweepAfter, sweepChunk, func(key []byte, partition int, id []byte, e *store.Entity) bool {
+		last := e.LastSeen
+		if c, ok := p.entities[string(key[1:])]; ok {
+			last = c.st.LastSeen
+		}
+		if now-last > p.ttlMs {
+			dead = append(dead, slices.Clone(key))
+		}
+		return true
+	})
+	if err != nil {
+		return fmt.Errorf("sweep entities: %w", err)
+	}
+	p.sweepAfter = next
+	if len(dead) == 0 {
+		return nil
+	}
+	batch := p.st.NewBatch()
+	for _, k := range dead {
+		partition := int(binary.BigEndian.Uint32(k[1:5]))
+		batch.DeleteEntity(partition, k[5:])
+	}
+	batch.SetMeta(metaEntities, p.entityCount-int64(len(dead)))
+	if err := batch.Commit(); err != nil {
+		return fmt.Errorf("delete expired entities: %w", err)
+	}
+	for _, k := range dead {
+		delete(p.entities, string(k[1:]))
+	}
+	p.entityCount -= int64(len(dead))
+	return nil
+}
+
+// evict drops clean cached entities beyond the configured cache size; the
+// next event of a dropped entity reads it back from the store.
+func (p *Processor) evict() {
+	limit := p.cfg.Store.EntityCache
+	if len(p.entities) <= limit {
+		return
+	}
+	target := limit * 9 / 10
+	for k := range p.entities {
+		delete(p.entities, k)
+		if len(p.entities) <= target {
+			return
+		}
+	}
+}
+
+// Run flushes every flush interval until ctx is done, then flushes once
+// more so that a graceful shutdown loses nothing. Flush errors are logged
+// and retried; Run returns the error of the final flush.
+func (p *Processor) Run(ctx context.Context) error {
+	t := time.NewTicker(D(p.cfg.FlushInterval))
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			if err := p.Flush(context.WithoutCancel(ctx)); err != nil {
+				return fmt.Errorf("final flush: %w", err)
+			}
+			return nil
+		case <-t.C:
+			if err := p.Flush(ctx); err != nil && !errors.Is(err, context.Canceled) {
+				p.logger.Error("flush failed; consumption paused until it succeeds", "err", err)
+			}
+		}
+	}
+}

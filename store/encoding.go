@@ -1,0 +1,199 @@
+package store
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+)
+
+// Vector is a list of signed counters. Vectors are the values of every key
+// that is only ever added to (bucket counters, totals, histograms, process
+// counters): the store combines them with an associative merge operator, so
+// a flush writes deltas and never reads the previous value.
+type Vector []int64
+
+// AppendVector appends the encoding of v to dst: a uvarint length followed by
+// one zigzag varint per element. Small counts take one byte each.
+func AppendVector(dst []byte, v Vector) []byte {
+	dst = binary.AppendUvarint(dst, uint64(len(v)))
+	for _, x := range v {
+		dst = binary.AppendVarint(dst, x)
+	}
+	return dst
+}
+
+// errCorrupt is wrapped by every decoding error.
+var errCorrupt = errors.New("corrupt value")
+
+// maxVectorLen bounds decoded vectors so that a corrupt length cannot make a
+// decoder allocate without bound.
+const maxVectorLen = 1 << 16
+
+// DecodeVector decodes an encoding made by AppendVector, appending to dst
+// (which may be nil) and returning the result.
+func DecodeVector(dst Vector, b []byte) (Vector, error) {
+	n, k := binary.Uvarint(b)
+	if k <= 0 || n > maxVectorLen {
+		return dst, fmt.Errorf("vector length: %w", errCorrupt)
+	}
+	b = b[k:]
+	for i := uint64(0); i < n; i++ {
+		x, k := binary.Varint(b)
+		if k <= 0 {
+			return dst, fmt.Errorf("vector element %d: %w", i, errCorrupt)
+		}
+		dst = append(dst, x)
+		b = b[k:]
+	}
+	if len(b) != 0 {
+		return dst, fmt.Errorf("vector: %d trailing bytes: %w", len(b), errCorrupt)
+	}
+	return dst, nil
+}
+
+// Add adds o to v element-wise, growing v to the length of o, and returns v.
+func (v Vector) Add(o Vector) Vector {
+	for len(v) < len(o) {
+		v = append(v, 0)
+	}
+	for i, x := range o {
+		v[i] += x
+	}
+	return v
+}
+
+// Entity is the per-entity state: the segment frozen at first touch, the
+// time each stage was first reached, and the ids of the most recent events
+// for deduplication.
+type Entity struct {
+	// LastSeen is the event time (Unix ms) of the newest accepted event.
+	LastSeen int64
+	// Dims holds the dictionary id of each configured dimension's value.
+	Dims []uint32
+	// Reached holds, per configured stage, the event time (Unix ms) at
+	// which the entity first reached it, or NotReached.
+	Reached []int64
+	// Seen holds hashes of the most recent event ids, oldest first.
+	Seen []uint64
+}
+
+// NotReached marks a stage the entity has not reached. Event times before
+// 1970 are rejected by the decoder, so the value cannot collide with a real
+// time.
+const NotReached int64 = math.MinInt64
+
+const entityVersion = 1
+
+// AppendEntity appends the encoding of e to dst.
+func AppendEntity(dst []byte, e *Entity) []byte {
+	dst = append(dst, entityVersion)
+	dst = binary.AppendVarint(dst, e.LastSeen)
+	dst = binary.AppendUvarint(dst, uint64(len(e.Dims)))
+	for _, d := range e.Dims {
+		dst = binary.AppendUvarint(dst, uint64(d))
+	}
+	dst = binary.AppendUvarint(dst, uint64(len(e.Reached)))
+	for _, r := range e.Reached {
+		dst = binary.AppendVarint(dst, r)
+	}
+	dst = binary.AppendUvarint(dst, uint64(len(e.Seen)))
+	for _, h := range e.Seen {
+		dst = binary.LittleEndian.AppendUint64(dst, h)
+	}
+	return dst
+}
+
+// maxEntityList bounds each list in a decoded entity.
+const maxEntityList = 1 << 10
+
+// DecodeEntity decodes an encoding made by AppendEntity into e, reusing its
+// slices.
+func DecodeEntity(e *Entity, b []byte) error {
+	if len(b) == 0 || b[0] != entityVersion {
+		return fmt.Errorf("entity version: %w", errCorrupt)
+	}
+	d := decoder{b: b[1:]}
+	e.LastSeen = d.varint()
+	n := d.count()
+	e.Dims = e.Dims[:0]
+	for i := 0; i < n; i++ {
+		x := d.uvarint()
+		if x > math.MaxUint32 {
+			d.err = errCorrupt
+		}
+		e.Dims = append(e.Dims, uint32(x))
+	}
+	n = d.count()
+	e.Reached = e.Reached[:0]
+	for i := 0; i < n; i++ {
+		e.Reached = append(e.Reached, d.varint())
+	}
+	n = d.count()
+	e.Seen = e.Seen[:0]
+	for i := 0; i < n; i++ {
+		e.Seen = append(e.Seen, d.uint64())
+	}
+	if d.err == nil && len(d.b) != 0 {
+		d.err = errCorrupt
+	}
+	if d.err != nil {
+		return fmt.Errorf("entity: %w", d.err)
+	}
+	return nil
+}
+
+// decoder reads a sequence of fields and remembers the first error, so a
+// decoding function checks once at the end.
+type decoder struct {
+	b   []byte
+	err error
+}
+
+func (d *decoder) uvarint() uint64 {
+	if d.err != nil {
+		return 0
+	}
+	x, k := binary.Uvarint(d.b)
+	if k <= 0 {
+		d.err = errCorrupt
+		return 0
+	}
+	d.b = d.b[k:]
+	return x
+}
+
+func (d *decoder) varint() int64 {
+	if d.err != nil {
+		return 0
+	}
+	x, k := binary.Varint(d.b)
+	if k <= 0 {
+		d.err = errCorrupt
+		return 0
+	}
+	d.b = d.b[k:]
+	return x
+}
+
+func (d *decoder) uint64() uint64 {
+	if d.err != nil {
+		return 0
+	}
+	if len(d.b) < 8 {
+		d.err = errCorrupt
+		return 0
+	}
+	x := binary.LittleEndian.Uint64(d.b)
+	d.b = d.b[8:]
+	return x
+}
+
+func (d *decoder) count() int {
+	n := d.uvarint()
+	if n > maxEntityList {
+		d.err = errCorrupt
+		return 0
+	}
+	return int(n)
+}

@@ -1,0 +1,463 @@
+// Package store owns funnelwatch's Pebble database: the key layout, the
+// encodings of every value, and the batches that make a flush atomic.
+//
+// Everything a flush produces — bucket counters, totals, entity states,
+// dictionary entries, process counters and the next offset of every
+// partition — goes into one Batch and is committed at once, which is what
+// makes the processor's state exactly-once across crashes.
+//
+// A Store is safe for concurrent use; a Batch is not.
+package store
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/vfs"
+)
+
+// Options configures Open.
+type Options struct {
+	// FS is the filesystem; nil means the OS filesystem. Tests use
+	// vfs.NewMem().
+	FS vfs.FS
+	// Logger receives Pebble's messages; nil discards them.
+	Logger *slog.Logger
+	// CacheBytes is the size of Pebble's block cache; 0 means 32 MiB.
+	CacheBytes int64
+	// ReadOnly opens the store without writing to it (for inspect).
+	ReadOnly bool
+}
+
+// Store is an open Pebble database with funnelwatch's key layout. Close it
+// when done.
+type Store struct {
+	db  *pebble.DB
+	dir string
+}
+
+// Open opens or creates the store in dir.
+func Open(dir string, o Options) (*Store, error) {
+	if o.CacheBytes == 0 {
+		o.CacheBytes = 32 << 20
+	}
+	cache := pebble.NewCache(o.CacheBytes)
+	defer cache.Unref()
+	opts := &pebble.Options{
+		FS:           o.FS,
+		Cache:        cache,
+		Merger:       vectorMerger,
+		Logger:       pebbleLogger{o.Logger},
+		ReadOnly:     o.ReadOnly,
+		MemTableSize: 32 << 20,
+	}
+	if o.FS == nil {
+		opts.FS = vfs.Default
+	}
+	db, err := pebble.Open(dir, opts)
+	if err != nil {
+		return nil, fmt.Errorf("open store %q: %w", dir, err)
+	}
+	return &Store{db: db, dir: dir}, nil
+}
+
+// Close flushes nothing (every Batch is committed synchronously) and
+// releases the database.
+func (s *Store) Close() error {
+	if err := s.db.Close(); err != nil {
+		return fmt.Errorf("close store %q: %w", s.dir, err)
+	}
+	return nil
+}
+
+// DiskBytes is the space the store takes on disk.
+func (s *Store) DiskBytes() uint64 { return s.db.Metrics().DiskSpaceUsage() }
+
+// Batch collects the writes of one flush. Commit applies all of them
+// atomically or none. A Batch is not safe for concurrent use.
+type Batch struct {
+	b   *pebble.Batch
+	buf []byte
+}
+
+// NewBatch returns an empty batch.
+func (s *Store) NewBatch() *Batch { return &Batch{b: s.db.NewBatch()} }
+
+// Commit applies the batch durably (the WAL is synced) and closes it.
+func (b *Batch) Commit() error {
+	defer b.b.Close()
+	if err := b.b.Commit(pebble.Sync); err != nil {
+		return fmt.Errorf("commit batch: %w", err)
+	}
+	return nil
+}
+
+// Close discards an uncommitted batch.
+func (b *Batch) Close() { b.b.Close() }
+
+// Len is the size of the batch in bytes.
+func (b *Batch) Len() int { return b.b.Len() }
+
+func (b *Batch) vec(v Vector) []byte {
+	b.buf = AppendVector(b.buf[:0], v)
+	return b.buf
+}
+
+// SetOffset records the next offset to read of a partition.
+func (b *Batch) SetOffset(topic string, partition int, next int64) {
+	_ = b.b.Set(offsetKey(topic, partition), binary.BigEndian.AppendUint64(nil, uint64(next)), nil)
+}
+
+// AddCounter adds delta to a process counter.
+func (b *Batch) AddCounter(scope uint32, name, label string, delta int64) {
+	_ = b.b.Merge(counterKey(scope, name, label), b.vec(Vector{delta}), nil)
+}
+
+// SetDictValue assigns id to a value of a dimension.
+func (b *Batch) SetDictValue(dim, value string, id uint32) {
+	_ = b.b.Set(dictKey(dim, value), binary.BigEndian.AppendUint32(nil, id), nil)
+}
+
+// SetEntity stores the state of an entity.
+func (b *Batch) SetEntity(partition int, entity []byte, e *Entity) {
+	k := AppendEntityKey(nil, partition, entity)
+	b.buf = AppendEntity(b.buf[:0], e)
+	_ = b.b.Set(k, b.buf, nil)
+}
+
+// DeleteEntity removes the state of an entity.
+func (b *Batch) DeleteEntity(partition int, entity []byte) {
+	_ = b.b.Delete(AppendEntityKey(nil, partition, entity), nil)
+}
+
+// AddBucket adds v to the counters of a segment's bucket.
+func (b *Batch) AddBucket(bucket int64, seg Segment, v Vector) {
+	_ = b.b.Merge(bucketKey(bucket, seg), b.vec(v), nil)
+}
+
+// DeleteBucketsBefore deletes every bucket older than the given one, of
+// every segment.
+func (b *Batch) DeleteBucketsBefore(bucket int64) {
+	_ = b.b.DeleteRange([]byte{prefixBucket}, bucketKey(bucket, ""), nil)
+}
+
+// AddTotals adds v to a segment's all-time totals.
+func (b *Batch) AddTotals(seg Segment, v Vector) {
+	_ = b.b.Merge(append([]byte{prefixTotals}, seg...), b.vec(v), nil)
+}
+
+// AddHistogram adds v to the time-to-convert histogram of a step.
+func (b *Batch) AddHistogram(step int, v Vector) {
+	_ = b.b.Merge([]byte{prefixHist, byte(step)}, b.vec(v), nil)
+}
+
+// SetStatus stores a segment's status vector (its degradation flags).
+func (b *Batch) SetStatus(seg Segment, v Vector) {
+	_ = b.b.Set(append([]byte{prefixStatus}, seg...), b.vec(v), nil)
+}
+
+// SetMeta stores a named integer.
+func (b *Batch) SetMeta(name string, x int64) {
+	_ = b.b.Set(metaKey(name), appendI64(nil, x), nil)
+}
+
+// Meta returns a named integer and whether it is set.
+func (s *Store) Meta(name string) (int64, bool, error) {
+	v, closer, err := s.db.Get(metaKey(name))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, fmt.Errorf("get meta %q: %w", name, err)
+	}
+	defer closer.Close()
+	if len(v) != 8 {
+		return 0, false, fmt.Errorf("meta %q: %w", name, errCorrupt)
+	}
+	return readI64(v), true, nil
+}
+
+// Entity reads the state of an entity into e and reports whether it exists.
+// key is scratch space for the key; the possibly grown slice is returned.
+func (s *Store) Entity(key []byte, partition int, entity []byte, e *Entity) ([]byte, bool, error) {
+	key = AppendEntityKey(key[:0], partition, entity)
+	v, closer, err := s.db.Get(key)
+	if errors.Is(err, pebble.ErrNotFound) {
+		return key, false, nil
+	}
+	if err != nil {
+		return key, false, fmt.Errorf("get entity: %w", err)
+	}
+	defer closer.Close()
+	return key, true, DecodeEntity(e, v)
+}
+
+// Offsets returns the next offset to read of every stored partition.
+func (s *Store) Offsets() (map[TopicPartition]int64, error) {
+	out := map[TopicPartition]int64{}
+	err := s.scan([]byte{prefixOffset}, func(k, v []byte) error {
+		k = k[1:]
+		if len(k) < 5 || k[len(k)-5] != 0 || len(v) != 8 {
+			return fmt.Errorf("offset key %x: %w", k, errCorrupt)
+		}
+		tp := TopicPartition{Topic: string(k[:len(k)-5]), Partition: int(binary.BigEndian.Uint32(k[len(k)-4:]))}
+		out[tp] = int64(binary.BigEndian.Uint64(v))
+		return nil
+	})
+	return out, err
+}
+
+// TopicPartition names a partition of a topic.
+type TopicPartition struct {
+	Topic     string
+	Partition int
+}
+
+// Counters calls fn for every process counter.
+func (s *Store) Counters(fn func(scope uint32, name, label string, value int64)) error {
+	var vec Vector
+	return s.scan([]byte{prefixCounter}, func(k, v []byte) error {
+		k = k[1:]
+		if len(k) < 5 {
+			return fmt.Errorf("counter key %x: %w", k, errCorrupt)
+		}
+		scope := binary.BigEndian.Uint32(k)
+		name, label, ok := cut(k[4:])
+		var err error
+		if vec, err = DecodeVector(vec[:0], v); err != nil || !ok || len(vec) != 1 {
+			return fmt.Errorf("counter %x: %w", k, errCorrupt)
+		}
+		fn(scope, name, label, vec[0])
+		return nil
+	})
+}
+
+func cut(b []byte) (string, string, bool) {
+	for i, c := range b {
+		if c == 0 {
+			return string(b[:i]), string(b[i+1:]), true
+		}
+	}
+	return "", "", false
+}
+
+// Dictionary calls fn for every dimension value with its id.
+func (s *Store) Dictionary(fn func(dim, value string, id uint32)) error {
+	return s.scan([]byte{prefixDict}, func(k, v []byte) error {
+		dim, value, ok := cut(k[1:])
+		if !ok || len(v) != 4 {
+			return fmt.Errorf("dictionary key %x: %w", k, errCorrupt)
+		}
+		fn(dim, value, binary.BigEndian.Uint32(v))
+		return nil
+	})
+}
+
+// Totals calls fn for the all-time totals of every segment. v is only valid
+// during the call.
+func (s *Store) Totals(fn func(seg Segment, v Vector)) error {
+	var vec Vector
+	return s.scan([]byte{prefixTotals}, func(k, v []byte) error {
+		var err error
+		if !validSegment(k[1:]) {
+			return fmt.Errorf("totals key %x: %w", k, errCorrupt)
+		}
+		if vec, err = DecodeVector(vec[:0], v); err != nil {
+			return fmt.Errorf("totals %x: %w", k, err)
+		}
+		fn(Segment(k[1:]), vec)
+		return nil
+	})
+}
+
+// Statuses calls fn for the stored status of every segment.
+func (s *Store) Statuses(fn func(seg Segment, v Vector)) error {
+	var vec Vector
+	return s.scan([]byte{prefixStatus}, func(k, v []byte) error {
+		var err error
+		if !validSegment(k[1:]) {
+			return fmt.Errorf("status key %x: %w", k, errCorrupt)
+		}
+		if vec, err = DecodeVector(vec[:0], v); err != nil {
+			return fmt.Errorf("status %x: %w", k, err)
+		}
+		fn(Segment(k[1:]), vec)
+		return nil
+	})
+}
+
+// Histograms calls fn for the time-to-convert histogram of every step.
+func (s *Store) Histograms(fn func(step int, v Vector)) error {
+	var vec Vector
+	return s.scan([]byte{prefixHist}, func(k, v []byte) error {
+		var err error
+		if len(k) != 2 {
+			return fmt.Errorf("histogram key %x: %w", k, errCorrupt)
+		}
+		if vec, err = DecodeVector(vec[:0], v); err != nil {
+			return fmt.Errorf("histogram %x: %w", k, err)
+		}
+		fn(int(k[1]), vec)
+		return nil
+	})
+}
+
+// Buckets calls fn for every segment's bucket in [lo, hi], in bucket order.
+// seg and v are only valid during the call.
+func (s *Store) Buckets(lo, hi int64, fn func(bucket int64, seg []byte, v Vector)) error {
+	if hi < lo {
+		return nil
+	}
+	upper := []byte{prefixBucket + 1}
+	if hi < math.MaxInt64 {
+		upper = bucketKey(hi+1, "")
+	}
+	iter, err := s.db.NewIter(&pebble.IterOptions{LowerBound: bucketKey(lo, ""), UpperBound: upper})
+	if err != nil {
+		return fmt.Errorf("scan buckets: %w", err)
+	}
+	var vec Vector
+	for iter.First(); iter.Valid(); iter.Next() {
+		b, seg, err := parseBucketKey(iter.Key())
+		if err != nil {
+			iter.Close()
+			return err
+		}
+		v, err := iter.ValueAndErr()
+		if err == nil {
+			vec, err = DecodeVector(vec[:0], v)
+		}
+		if err != nil {
+			iter.Close()
+			return fmt.Errorf("bucket %d: %w", b, err)
+		}
+		fn(b, seg, vec)
+	}
+	if err := iter.Close(); err != nil {
+		return fmt.Errorf("scan buckets: %w", err)
+	}
+	return nil
+}
+
+// Entities calls fn for entity states in key order, starting at the key
+// after `after` (nil: the first), until fn returns false or limit entities
+// were visited. It returns the key of the last visited entity, or nil when
+// the scan reached the end.
+func (s *Store) Entities(after []byte, limit int, fn func(key []byte, partition int, entity []byte, e *Entity) bool) ([]byte, error) {
+	lower := []byte{prefixEntity}
+	if after != nil {
+		lower = append(after, 0)
+	}
+	iter, err := s.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: []byte{prefixEntity + 1}})
+	if err != nil {
+		return nil, fmt.Errorf("scan entities: %w", err)
+	}
+	var e Entity
+	var last []byte
+	n := 0
+	for iter.First(); iter.Valid() && n < limit; iter.Next() {
+		k := iter.Key()
+		if len(k) < 5 {
+			iter.Close()
+			return nil, fmt.Errorf("entity key %x: %w", k, errCorrupt)
+		}
+		v, err := iter.ValueAndErr()
+		if err == nil {
+			err = DecodeEntity(&e, v)
+		}
+		if err != nil {
+			iter.Close()
+			return nil, fmt.Errorf("entity %x: %w", k, err)
+		}
+		n++
+		last = append(last[:0], k...)
+		if !fn(k, int(binary.BigEndian.Uint32(k[1:5])), k[5:], &e) {
+			break
+		}
+	}
+	reachedEnd := !iter.Valid()
+	if err := iter.Close(); err != nil {
+		return nil, fmt.Errorf("scan entities: %w", err)
+	}
+	if reachedEnd && n < limit {
+		return nil, nil
+	}
+	return last, nil
+}
+
+func (s *Store) scan(prefix []byte, fn func(k, v []byte) error) error {
+	iter, err := s.db.NewIter(&pebble.IterOptions{LowerBound: prefix, UpperBound: prefixEnd(prefix)})
+	if err != nil {
+		return fmt.Errorf("scan %q: %w", prefix, err)
+	}
+	for iter.First(); iter.Valid(); iter.Next() {
+		v, err := iter.ValueAndErr()
+		if err == nil {
+			err = fn(iter.Key(), v)
+		}
+		if err != nil {
+			iter.Close()
+			return err
+		}
+	}
+	if err := iter.Close(); err != nil {
+		return fmt.Errorf("scan %q: %w", prefix, err)
+	}
+	return nil
+}
+
+// vectorMerger adds Vectors. Addition is associative and commutative, so
+// Pebble may combine operands in any grouping during reads and compactions.
+var vectorMerger = &pebble.Merger{
+	Name: "funnelwatch.vector_add.v1",
+	Merge: func(_, value []byte) (pebble.ValueMerger, error) {
+		m := &vectorAdder{}
+		return m, m.add(value)
+	},
+}
+
+type vectorAdder struct {
+	sum Vector
+	tmp Vector
+}
+
+func (m *vectorAdder) add(value []byte) error {
+	var err error
+	if m.tmp, err = DecodeVector(m.tmp[:0], value); err != nil {
+		return err
+	}
+	m.sum = m.sum.Add(m.tmp)
+	return nil
+}
+
+func (m *vectorAdder) MergeNewer(value []byte) error { return m.add(value) }
+func (m *vectorAdder) MergeOlder(value []byte) error { return m.add(value) }
+func (m *vectorAdder) Finish(bool) ([]byte, io.Closer, error) {
+	return AppendVector(nil, m.sum), nil, nil
+}
+
+// pebbleLogger sends Pebble's messages to slog at debug (info) and error
+// level; Pebble logs every flush and compaction at info, which is noise for
+// an operator.
+type pebbleLogger struct{ l *slog.Logger }
+
+func (p pebbleLogger) Infof(format string, args ...any) {
+	if p.l != nil {
+		p.l.Debug(fmt.Sprintf(format, args...), "component", "pebble")
+	}
+}
+
+func (p pebbleLogger) Errorf(format string, args ...any) {
+	if p.l != nil {
+		p.l.Error(fmt.Sprintf(format, args...), "component", "pebble")
+	}
+}
+
+func (p pebbleLogger) Fatalf(format string, args ...any) {
+	panic(fmt.Sprintf("pebble: "+format, args...))
+}
