@@ -367,6 +367,14 @@ func (d *dictionary) id(i int, raw []byte, invalid bool) (id uint32, overflow bo
 	case raw == nil:
 		return idUnknown, false
 	}
+	// A producer's literal "unknown", "invalid" or "other" means what ours
+	// does: an id of its own would export a second segment with the same
+	// labels, and a duplicate series fails the whole scrape.
+	for id, name := range d.values[i][:firstValueID] {
+		if string(raw) == name {
+			return uint32(id), false
+		}
+	}
 	if id, ok := d.ids[i][string(raw)]; ok {
 		return id, false
 	}

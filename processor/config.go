@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"reflect"
 	"regexp"
 	"slices"
 	"strings"
@@ -40,6 +41,13 @@ type KafkaConfig struct {
 	DeadLetterTopic string        `yaml:"dead_letter_topic"`
 	TLS             TLSConfig     `yaml:"tls"`
 	SASL            SASLConfig    `yaml:"sasl"`
+	// SessionTimeout is how long the group waits for a silent member
+	// before reassigning its partitions (after a crash, say).
+	SessionTimeout Duration `yaml:"session_timeout"`
+	// HeartbeatInterval must be well below SessionTimeout.
+	HeartbeatInterval Duration `yaml:"heartbeat_interval"`
+	// RebalanceTimeout is how long a rebalance waits for members to rejoin.
+	RebalanceTimeout Duration `yaml:"rebalance_timeout"`
 }
 
 // TopicConfig is one consumed topic. When Type is set every record of the
@@ -182,6 +190,10 @@ func DefaultConfig() Config {
 			Brokers: []string{"127.0.0.1:9092"},
 			Group:   "funnelwatch",
 			Topics:  []TopicConfig{{Name: "funnel-events"}},
+
+			SessionTimeout:    Duration(30 * time.Second),
+			HeartbeatInterval: Duration(3 * time.Second),
+			RebalanceTimeout:  Duration(30 * time.Second),
 		},
 		Events: EventsConfig{
 			Fields:         FieldsConfig{ID: "/id", Type: "/type", Entity: "/entity", Time: "/time", Value: "/value", Segment: "/segment"},
@@ -220,12 +232,66 @@ func ParseConfig(b []byte) (Config, error) {
 	dec := yaml.NewDecoder(bytes.NewReader(b))
 	dec.KnownFields(true)
 	if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
-		return Config{}, fmt.Errorf("parse: %w", err)
+		return Config{}, fmt.Errorf("parse: %w", keyedDurationErrors(b, err))
 	}
 	if err := cfg.Validate(); err != nil {
 		return Config{}, err
 	}
 	return cfg, nil
+}
+
+// keyedDurationErrors names the key and line of every malformed duration in
+// the document b. yaml.v3 passes the error of a type's own UnmarshalYAML
+// through bare ("unknown unit "x" in duration "5x""), which would leave the
+// user searching the file. It returns err when no duration is at fault.
+func keyedDurationErrors(b []byte, err error) error {
+	var doc yaml.Node
+	if yaml.Unmarshal(b, &doc) != nil {
+		return err
+	}
+	var errs []error
+	walkDurations(&doc, reflect.TypeFor[Config](), "", &errs)
+	if len(errs) == 0 {
+		return err
+	}
+	return errors.Join(errs...)
+}
+
+func walkDurations(n *yaml.Node, t reflect.Type, key string, errs *[]error) {
+	for n.Kind == yaml.DocumentNode || n.Kind == yaml.AliasNode {
+		if n.Kind == yaml.AliasNode {
+			n = n.Alias
+		} else if len(n.Content) == 1 {
+			n = n.Content[0]
+		} else {
+			return
+		}
+	}
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch {
+	case t == reflect.TypeFor[Duration]():
+		if n.Kind != yaml.ScalarNode {
+			return
+		}
+		if _, err := model.ParseDuration(n.Value); err != nil {
+			*errs = append(*errs, fmt.Errorf("%s: line %d: %w", key, n.Line, err))
+		}
+	case t.Kind() == reflect.Struct && n.Kind == yaml.MappingNode:
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			name := n.Content[i].Value
+			for j := 0; j < t.NumField(); j++ {
+				if tag, _, _ := strings.Cut(t.Field(j).Tag.Get("yaml"), ","); tag == name {
+					walkDurations(n.Content[i+1], t.Field(j).Type, strings.TrimPrefix(key+"."+name, "."), errs)
+				}
+			}
+		}
+	case t.Kind() == reflect.Slice && n.Kind == yaml.SequenceNode:
+		for i, c := range n.Content {
+			walkDurations(c, t.Elem(), fmt.Sprintf("%s[%d]", key, i), errs)
+		}
+	}
 }
 
 var (
@@ -282,6 +348,15 @@ func (c *Config) Validate() error {
 		if c.Kafka.SASL.PasswordEnv == "" {
 			bad("kafka.sasl.password_env", "required with a SASL mechanism")
 		}
+	}
+	if c.Kafka.SessionTimeout <= 0 {
+		bad("kafka.session_timeout", "must be positive")
+	}
+	if c.Kafka.HeartbeatInterval <= 0 || c.Kafka.HeartbeatInterval >= c.Kafka.SessionTimeout {
+		bad("kafka.heartbeat_interval", "must be positive and below kafka.session_timeout")
+	}
+	if c.Kafka.RebalanceTimeout <= 0 {
+		bad("kafka.rebalance_timeout", "must be positive")
 	}
 	if (c.Kafka.TLS.CertFile == "") != (c.Kafka.TLS.KeyFile == "") {
 		bad("kafka.tls", "cert_file and key_file go together")

@@ -23,6 +23,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cespare/xxhash/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/segmentio/kafka-go"
 
@@ -76,6 +77,8 @@ type Processor struct {
 
 	mu            sync.Mutex
 	entities      map[string]*entity
+	known         *entityFilter // keys of stored entities
+	dirty         []*entity     // entities changed since the last flush
 	dict          *dictionary
 	segments      map[store.Segment]*segment
 	segmentList   []*segment
@@ -305,6 +308,20 @@ func (p *Processor) load() error {
 		return err
 	}
 	p.evaluate()
+	return p.rebuildFilter()
+}
+
+// rebuildFilter sizes the entity filter for twice the entities there are
+// and fills it from the store and the cache.
+func (p *Processor) rebuildFilter() error {
+	f := newEntityFilter(2 * max(int(p.entityCount), len(p.entities)))
+	if err := p.st.EntityKeys(func(key []byte) { f.add(xxhash.Sum64(key[1:])) }); err != nil {
+		return err
+	}
+	for k := range p.entities {
+		f.add(xxhash.Sum64String(k))
+	}
+	p.known = f
 	return nil
 }
 
@@ -527,8 +544,10 @@ func (p *Processor) apply(partition int, ev *Event, now int64) Reason {
 	if e == nil {
 		return ReasonBadEntity // unreadable stored state; counted, not fatal
 	}
-	if len(e.st.Reached) > 0 && now != 0 && now-e.st.LastSeen > p.ttlMs {
-		// Expired: the entity starts afresh (SPEC §3).
+	if len(e.st.Reached) > 0 && ev.Time-e.st.LastSeen > p.ttlMs {
+		// Expired: the entity starts afresh (SPEC §3). Expiry is measured
+		// in event time, so a late event of an active entity continues it
+		// whatever the wall clock says.
 		e.st.Dims, e.st.Reached, e.st.Seen = e.st.Dims[:0], e.st.Reached[:0], e.st.Seen[:0]
 		e.segs = nil
 	}
@@ -547,7 +566,10 @@ func (p *Processor) apply(partition int, ev *Event, now int64) Reason {
 	if len(e.st.Reached) == 0 {
 		p.firstTouch(e, ev)
 	}
-	e.dirty = true
+	if !e.dirty {
+		e.dirty = true
+		p.dirty = append(p.dirty, e)
+	}
 	e.st.LastSeen = max(e.st.LastSeen, ev.Time)
 	if ev.HasID {
 		if len(e.st.Seen) >= maxSeenIDs {
@@ -661,12 +683,15 @@ func (p *Processor) entity(partition int, id []byte) *entity {
 		return e
 	}
 	e := &entity{partition: partition, id: slices.Clone(id)}
-	var found bool
-	var err error
-	p.keyBuf, found, err = p.st.Entity(p.keyBuf, partition, id, &e.st)
-	if err != nil {
-		p.logger.Error("reading entity state", "entity", string(id), "err", err)
-		return nil
+	h := xxhash.Sum64(p.keyBuf)
+	found := false
+	if p.known.mayContain(h) {
+		var err error
+		p.keyBuf, found, err = p.st.Entity(p.keyBuf, partition, id, &e.st)
+		if err != nil {
+			p.logger.Error("reading entity state", "entity", string(id), "err", err)
+			return nil
+		}
 	}
 	if found {
 		if len(e.st.Reached) != len(p.cfg.Funnel.Stages) || len(e.st.Dims) != len(p.cfg.Segments.Dimensions) {
@@ -677,6 +702,7 @@ func (p *Processor) entity(partition int, id []byte) *entity {
 		}
 	} else {
 		p.entityCount++
+		p.known.add(h)
 	}
 	key := binary.BigEndian.AppendUint32(nil, uint32(partition))
 	p.entities[string(append(key, id...))] = e
@@ -715,12 +741,8 @@ func (p *Processor) flush(ctx context.Context) error {
 		}
 		batch.AddTotals(s.key, s.totalsDelta)
 	}
-	nEntities := 0
-	for _, e := range p.entities {
-		if e.dirty {
-			batch.SetEntity(e.partition, e.id, &e.st)
-			nEntities++
-		}
+	for _, e := range p.dirty {
+		batch.SetEntity(e.partition, e.id, &e.st)
 	}
 	for _, f := range p.dict.fresh {
 		batch.SetDictValue(p.dict.dims[f.dim], f.value, f.id)
@@ -775,9 +797,11 @@ func (p *Processor) flush(ctx context.Context) error {
 		}
 	}
 	p.dirtySegments = p.dirtySegments[:0]
-	for _, e := range p.entities {
+	for _, e := range p.dirty {
 		e.dirty = false
 	}
+	clear(p.dirty)
+	p.dirty = p.dirty[:0]
 	p.dict.fresh = p.dict.fresh[:0]
 	for i, d := range p.overflowDelta {
 		p.overflow[i] += d
@@ -811,6 +835,9 @@ func (p *Processor) flush(ctx context.Context) error {
 		return err
 	}
 	p.evict()
+	if p.known.full() {
+		return p.rebuildFilter()
+	}
 	return nil
 }
 

@@ -64,7 +64,8 @@ func NewServer(cfg WebConfig, p *Processor, ready Readiness, g prometheus.Gather
 		}
 		writeJSON(w, t)
 	})
-	mux.Handle("GET /{$}", pageHandler())
+	// The page and its assets (app.js, style.css); unknown paths are 404.
+	mux.Handle("GET /", pageHandler())
 	return &Server{cfg: cfg, handler: mux, logger: logger}
 }
 
@@ -72,11 +73,15 @@ func NewServer(cfg WebConfig, p *Processor, ready Readiness, g prometheus.Gather
 func (s *Server) Handler() http.Handler { return s.handler }
 
 func writeJSON(w http.ResponseWriter, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	enc := json.NewEncoder(w)
-	if err := enc.Encode(v); err != nil {
+	// Marshal first: once the body has started, an error (a client gone
+	// away) can no longer become a 500.
+	b, err := json.Marshal(v)
+	if err != nil {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
 	}
+	w.Header().Set("Content-Type", "application/json")
+	_, _ = w.Write(append(b, '\n'))
 }
 
 // Run listens on the configured address and serves until ctx is done.

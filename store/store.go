@@ -18,6 +18,7 @@ import (
 	"math"
 
 	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/bloom"
 	"github.com/cockroachdb/pebble/v2/vfs"
 )
 
@@ -58,6 +59,11 @@ func Open(dir string, o Options) (*Store, error) {
 	}
 	if o.FS == nil {
 		opts.FS = vfs.Default
+	}
+	// Most entity lookups are for entities seen for the first time: bloom
+	// filters answer those without reading data blocks.
+	for i := range opts.Levels {
+		opts.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
 	}
 	db, err := pebble.Open(dir, opts)
 	if err != nil {
@@ -388,6 +394,22 @@ func (s *Store) Entities(after []byte, limit int, fn func(key []byte, partition 
 		return nil, nil
 	}
 	return last, nil
+}
+
+// EntityKeys calls fn with the key of every stored entity (as made by
+// AppendEntityKey). key is only valid during the call.
+func (s *Store) EntityKeys(fn func(key []byte)) error {
+	iter, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixEntity}, UpperBound: []byte{prefixEntity + 1}})
+	if err != nil {
+		return fmt.Errorf("scan entity keys: %w", err)
+	}
+	for iter.First(); iter.Valid(); iter.Next() {
+		fn(iter.Key())
+	}
+	if err := iter.Close(); err != nil {
+		return fmt.Errorf("scan entity keys: %w", err)
+	}
+	return nil
 }
 
 func (s *Store) scan(prefix []byte, fn func(k, v []byte) error) error {

@@ -220,4 +220,3 @@ func runInspect(_ context.Context, args []string, stdout, stderr io.Writer) erro
 	defer st.Close()
 	return processor.Inspect(stdout, cfg, st)
 }
-
