@@ -189,9 +189,9 @@ scrape_configs:
 // event clock far enough for the last hour's cohorts to mature.
 func alertScenario() []kafka.Message {
 	type seg struct {
-		source, region  string
-		perHour         int
-		before, after   float64
+		source, region string
+		perHour        int
+		before, after  float64
 	}
 	segs := []seg{
 		{"paid_search", "emea", 300, 0.3, 0.1},

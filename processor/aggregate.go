@@ -364,7 +364,9 @@ func (d *dictionary) id(i int, raw []byte, invalid bool) (id uint32, overflow bo
 	switch {
 	case invalid:
 		return idInvalid, false
-	case raw == nil:
+	case len(raw) == 0:
+		// Absent and empty are the same to Prometheus (an empty label is no
+		// label), so both are unknown.
 		return idUnknown, false
 	}
 	// A producer's literal "unknown", "invalid" or "other" means what ours

@@ -478,6 +478,9 @@ func (c *Config) Validate() error {
 			c.Segments.Breakdowns = append(c.Segments.Breakdowns, slices.Clone(dims))
 		}
 	}
+	if len(c.Segments.Breakdowns) == 0 {
+		bad("segments.breakdowns", "at least one breakdown is required ([] is the overall one)")
+	}
 	if len(c.Segments.Breakdowns) > 64 {
 		bad("segments.breakdowns", "at most 64 breakdowns are supported")
 	}
@@ -581,7 +584,7 @@ func (c *Config) Validate() error {
 	switch c.Log.Format {
 	case "json", "logfmt", "text":
 	default:
-		bad("log.format", "%q is not json or logfmt", c.Log.Format)
+		bad("log.format", "%q is not json, logfmt or text", c.Log.Format)
 	}
 	return errors.Join(errs...)
 }

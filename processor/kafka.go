@@ -1,6 +1,7 @@
 package processor
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
@@ -96,6 +97,6 @@ func (c KafkaConfig) Transport() (*kafka.Transport, error) {
 // kafkaLogger adapts slog to kafka-go's Logger.
 func kafkaLogger(l *slog.Logger, level slog.Level) kafka.LoggerFunc {
 	return func(msg string, args ...any) {
-		l.Log(nil, level, fmt.Sprintf(msg, args...), "component", "kafka")
+		l.Log(context.Background(), level, fmt.Sprintf(msg, args...), "component", "kafka")
 	}
 }

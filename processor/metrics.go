@@ -2,6 +2,7 @@ package processor
 
 import (
 	"runtime"
+	"slices"
 	"strconv"
 	"time"
 
@@ -18,7 +19,6 @@ type metrics struct {
 	buildInfo       prometheus.Gauge
 	descs           map[string]*prometheus.Desc // operational, by name
 	seg             []segmentDescs              // per breakdown
-	help            map[string]string
 }
 
 // segmentDescs are the per-segment descriptors of one breakdown: the same
@@ -227,6 +227,15 @@ func (m *metrics) collectSegments(ch chan<- prometheus.Metric) {
 		}
 		for _, a := range s.Alerts {
 			l := labels(a.From, a.To, a.Window)
+			if !slices.Contains(snap.Windows, a.Window) {
+				// The alert window is not a configured window: export the
+				// current cohort it is judged on anyway.
+				gauge(d.cohortEntered, float64(a.Entered), l...)
+				gauge(d.cohortConverted, float64(a.Converted), l...)
+				if a.Ratio != nil {
+					gauge(d.cohortRatio, *a.Ratio, l...)
+				}
+			}
 			if a.BaselineEntered != nil {
 				gauge(d.baseEntered, float64(*a.BaselineEntered), l...)
 				gauge(d.baseConverted, float64(*a.BaselineConverted), l...)
@@ -277,17 +286,13 @@ func b2f(b bool) float64 {
 	return 0
 }
 
-// histograms returns a copy of the time-to-convert histograms including
-// unflushed observations.
+// histograms returns a copy of the flushed time-to-convert histograms.
 func (p *Processor) histograms() [][]int64 {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	out := make([][]int64, len(p.hist))
 	for t, h := range p.hist {
-		out[t] = make([]int64, len(h))
-		for i := range h {
-			out[t][i] = h[i]
-		}
+		out[t] = append([]int64(nil), h...)
 	}
 	return out
 }

@@ -86,6 +86,9 @@ type Processor struct {
 	statusDirty   []*segment
 	positions     []position
 	positioned    bool
+	// evalBucket is the last bucket boundary evaluated (event clock).
+	evalBucket    int64
+	evaluated     bool
 	parts         map[store.TopicPartition]*partition
 	hist          [][]int64 // per step: bucket counts then sum in ms
 	histDelta     [][]int64
@@ -304,10 +307,14 @@ func (p *Processor) load() error {
 			}
 		}
 	}
-	if err := p.loadRanges(p.clockNow()); err != nil {
+	now := p.clockNow()
+	if err := p.loadRanges(now); err != nil {
 		return err
 	}
 	p.evaluate()
+	if p.eventClock && now != 0 {
+		p.evalBucket, p.evaluated = floorDiv(now, p.bucketMs), true
+	}
 	return p.rebuildFilter()
 }
 
@@ -825,18 +832,51 @@ func (p *Processor) flush(ctx context.Context) error {
 		p.deletedBefore = cutoff
 	}
 
-	if now != 0 {
-		if err := p.advance(now); err != nil {
-			return fmt.Errorf("advance windows: %w", err)
-		}
+	if err := p.advanceAndEvaluate(now); err != nil {
+		return err
 	}
-	p.evaluate()
 	if err := p.sweep(now); err != nil {
 		return err
 	}
 	p.evict()
 	if p.known.full() {
 		return p.rebuildFilter()
+	}
+	return nil
+}
+
+// maxEvalSteps bounds the bucket boundaries one flush evaluates one by one;
+// a larger jump of the event clock (a gap in a replay) is taken at once.
+const maxEvalSteps = 100_000
+
+// advanceAndEvaluate moves the windows to now and runs degradation
+// detection. With the wall clock it evaluates once per flush. With the
+// event clock it evaluates at every bucket boundary the clock crossed, so
+// that the hysteresis of a replay does not depend on when flushes happened.
+func (p *Processor) advanceAndEvaluate(now int64) error {
+	if now == 0 {
+		p.evaluate()
+		return nil
+	}
+	if p.eventClock {
+		nb := floorDiv(now, p.bucketMs)
+		from := p.evalBucket + 1
+		if !p.evaluated || nb-from > maxEvalSteps {
+			from = nb
+		}
+		for b := from; b <= nb; b++ {
+			if err := p.advance(b * p.bucketMs); err != nil {
+				return fmt.Errorf("advance windows: %w", err)
+			}
+			p.evaluate()
+		}
+		p.evalBucket, p.evaluated = nb, true
+	}
+	if err := p.advance(now); err != nil {
+		return fmt.Errorf("advance windows: %w", err)
+	}
+	if !p.eventClock {
+		p.evaluate()
 	}
 	return nil
 }

@@ -16,6 +16,7 @@ import (
 	"io"
 	"log/slog"
 	"math"
+	"slices"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/bloom"
@@ -357,7 +358,7 @@ func (s *Store) Buckets(lo, hi int64, fn func(bucket int64, seg []byte, v Vector
 func (s *Store) Entities(after []byte, limit int, fn func(key []byte, partition int, entity []byte, e *Entity) bool) ([]byte, error) {
 	lower := []byte{prefixEntity}
 	if after != nil {
-		lower = append(after, 0)
+		lower = append(slices.Clip(after), 0)
 	}
 	iter, err := s.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: []byte{prefixEntity + 1}})
 	if err != nil {

@@ -300,6 +300,20 @@ func TestEntities(t *testing.T) {
 		t.Errorf("Entity on another partition: found %v, %v", found, err)
 	}
 
+	// EntityKeys lists the key of every stored entity, in key order.
+	var keys [][]byte
+	if err := st.EntityKeys(func(k []byte) { keys = append(keys, bytes.Clone(k)) }); err != nil {
+		t.Fatal(err)
+	}
+	var wantKeys [][]byte
+	for k := range states {
+		wantKeys = append(wantKeys, store.AppendEntityKey(nil, k.partition, []byte(k.entity)))
+	}
+	slices.SortFunc(wantKeys, bytes.Compare)
+	if !slices.EqualFunc(keys, wantKeys, bytes.Equal) {
+		t.Errorf("EntityKeys = %q; want %q", keys, wantKeys)
+	}
+
 	// Scans in chunks visit every entity once, in key order.
 	for _, limit := range []int{1, 2, 3, 7, len(states), len(states) + 1, 1000} {
 		var visited []key

@@ -21,7 +21,6 @@ import (
 	"time"
 
 	"github.com/segmentio/kafka-go"
-	"github.com/twmb/franz-go/pkg/kfake"
 )
 
 // These tests run the real binary, built once per test run.
@@ -52,16 +51,30 @@ func binary(t testing.TB) string {
 	return binPath
 }
 
-func startBroker(t testing.TB, partitions int, opts ...kfake.Opt) []string {
+// startBroker runs `funnelwatch broker` as its own process: kfake inside
+// a race-instrumented test process is too slow to keep a consumer group
+// alive.
+func startBroker(t testing.TB, partitions int) []string {
 	t.Helper()
-	opts = append([]kfake.Opt{kfake.NumBrokers(1), kfake.AllowAutoTopicCreation(), kfake.DefaultNumPartitions(partitions),
-		kfake.GroupMinSessionTimeout(200 * time.Millisecond)}, opts...)
-	c, err := kfake.NewCluster(opts...)
-	if err != nil {
-		t.Fatalf("start kfake: %v", err)
+	addr := freePort(t)
+	cmd := exec.Command(binary(t), "broker", "--listen-address", addr, "--partitions", strconv.Itoa(partitions), "--group.min-session-timeout", "200ms")
+	out := &lockedBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
 	}
-	t.Cleanup(c.Close)
-	return c.ListenAddrs()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	deadline := time.Now().Add(20 * time.Second)
+	for !strings.Contains(out.tail(1<<10), "listening") {
+		if time.Now().After(deadline) {
+			t.Fatalf("broker did not start: %s", out.tail(1<<10))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return []string{addr}
 }
 
 func freePort(t testing.TB) string {

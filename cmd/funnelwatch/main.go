@@ -10,6 +10,7 @@
 //	funnelwatch check-config --config.file funnelwatch.yaml
 //	funnelwatch inspect      --store.dir ./data
 //	funnelwatch bench        end-to-end benchmark against an embedded broker
+//	funnelwatch broker       the embedded Kafka broker alone
 package main
 
 import (
@@ -39,6 +40,7 @@ func commands() map[string]command {
 		"check-config": {"validate a configuration file and print it with defaults", runCheckConfig},
 		"inspect":      {"print what a store holds, offline", runInspect},
 		"bench":        {"measure end-to-end throughput against raw kafka-go", runBench},
+		"broker":       {"run the embedded Kafka broker (kfake) alone, for trials without a cluster", runBroker},
 	}
 }
 
