@@ -861,14 +861,14 @@ func (p *Processor) advanceAndEvaluate(now int64) error {
 	if p.eventClock {
 		nb := floorDiv(now, p.bucketMs)
 		from := p.evalBucket + 1
-		if !p.evaluated || nb-from > maxEvalSteps {
+		if !p.evaluated {
+			from = p.historyStart
+		}
+		if nb-from > maxEvalSteps {
 			from = nb
 		}
-		for b := from; b <= nb; b++ {
-			if err := p.advance(b * p.bucketMs); err != nil {
-				return fmt.Errorf("advance windows: %w", err)
-			}
-			p.evaluate()
+		if err := p.step(from, nb); err != nil {
+			return err
 		}
 		p.evalBucket, p.evaluated = nb, true
 	}

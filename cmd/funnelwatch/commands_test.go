@@ -1,0 +1,93 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestCheckConfig runs check-config on a good and a bad file: the bad one
+// fails naming every wrong key at once.
+func TestCheckConfig(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.yaml")
+	bad := filepath.Join(dir, "bad.yaml")
+	if err := os.WriteFile(good, []byte("windows: [1h, 7d]\ntime: {clock: event}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bad, []byte("segments: {dimensions: [step]}\ntime: {bucket: 7m, clock: sundial}\nalerts: {z_on: -1}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name    string
+		args    []string
+		wantErr []string
+		wantOut []string
+	}{
+		{"good", []string{"--config.file", good}, nil, []string{"configuration is valid", "clock: event", "window", "1w"}},
+		{"bad", []string{"--config.file", bad}, []string{"segments.dimensions[0]", "time.bucket", "time.clock", "alerts.z_on"}, nil},
+		{"flag override", []string{"--config.file", good, "--log.level", "loud"}, []string{"log.level"}, nil},
+		{"unknown key", []string{"--config.file", writeFile(t, dir, "unknown.yaml", "kafka: {brokerz: [x]}\n")}, []string{"brokerz"}, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var out, errOut bytes.Buffer
+			err := dispatch(context.Background(), append([]string{"check-config"}, tt.args...), &out, &errOut)
+			if (err != nil) != (tt.wantErr != nil) {
+				t.Fatalf("got error %v; want error %v", err, tt.wantErr != nil)
+			}
+			for _, w := range tt.wantErr {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not name %q", err, w)
+				}
+			}
+			for _, w := range tt.wantOut {
+				if !strings.Contains(out.String(), w) {
+					t.Errorf("output does not contain %q:\n%s", w, out.String())
+				}
+			}
+		})
+	}
+}
+
+func writeFile(t *testing.T, dir, name, content string) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestInspect consumes a few records with the binary, stops it, and
+// inspects the store offline.
+func TestInspect(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the binary")
+	}
+	brokers := startBroker(t, 1)
+	produceMessages(t, brokers, "events", syntheticEvents(2000, 3))
+	dir := t.TempDir()
+	addr := freePort(t)
+	cfg := writeConfig(t, dir, brokers, "inspect", addr, "")
+	logs := &lockedBuffer{}
+	p := startProc(t, cfg, addr, logs)
+	runToEnd(t, p, 2000)
+	p.terminate(t)
+
+	var out, errOut bytes.Buffer
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := dispatch(ctx, []string{"inspect", "--config.file", cfg}, &out, &errOut); err != nil {
+		t.Fatalf("inspect: %v\n%s", err, errOut.String())
+	}
+	for _, w := range []string{"clock", "entities", "events  0  2000  2000", "source+region", "all"} {
+		if !strings.Contains(strings.Join(strings.Fields(out.String()), "  "), strings.Join(strings.Fields(w), "  ")) {
+			t.Errorf("inspect output does not contain %q:\n%s", w, out.String())
+		}
+	}
+}
