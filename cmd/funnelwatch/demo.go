@@ -36,7 +36,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	)
 	fs.Float64Var(&f.speed, "speed", f.speed, "simulated seconds per real second of live traffic")
 	fs.Var(&f.backfill, "backfill", "simulated history written first, as fast as possible (baselines need 4 weeks)")
-	fs.Float64Var(&f.scale, "scale", 1, "multiplies the visitor rate of every segment")
+	fs.Float64Var(&f.scale, "scale", 0.5, "multiplies the visitor rate of every segment (0.5 keeps the history to ~3M records)")
 	fs.Int64Var(&f.seed, "seed", traffic.DefaultSeed, "random seed of the traffic model")
 	fs.StringVar(&f.dropSegment, "drop.segment", "source=paid_search,region=na", "segment whose visit→lead conversion drops (empty: none)")
 	fs.Float64Var(&f.dropFactor, "drop.factor", traffic.DefaultDropFactor, "factor the segment's visit→lead probability is multiplied by")
