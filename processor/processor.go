@@ -432,7 +432,7 @@ type Record struct {
 	// Reason is the decoding outcome: Applied when Event is usable.
 	Reason Reason
 	Event  Event
-	// Key and Value are kept for invalid records, for the dead-letter topic.
+	// Key and Value are the record's, for the dead-letter topic.
 	Key, Value []byte
 	Time       time.Time
 }
@@ -449,10 +449,12 @@ func (b *Batch) Add(d *Decoder, topicStage int, m *kafka.Message) {
 	b.Records = slices.Grow(b.Records, 1)[:len(b.Records)+1]
 	r := &b.Records[len(b.Records)-1]
 	r.Offset, r.Time = m.Offset, m.Time
-	r.Key, r.Value = nil, nil
+	// Kept for every record, not only those the decoder rejects: applying
+	// can still find one invalid (future_time), and its dead letter needs
+	// the record. They reference memory the message owns anyway.
+	r.Key, r.Value = m.Key, m.Value
 	r.Reason = d.Decode(m.Value, topicStage, m.Time, &r.Event)
 	if r.Reason != Applied {
-		r.Key, r.Value = m.Key, m.Value
 		return
 	}
 	ev := &r.Event

@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	iofs "io/fs"
 	"log/slog"
 	"math"
 	"slices"
@@ -34,13 +35,35 @@ type Options struct {
 	CacheBytes int64
 	// ReadOnly opens the store without writing to it (for inspect).
 	ReadOnly bool
+	// MinFreeBytes is the free space the store's filesystem must keep:
+	// Open and Batch.Commit refuse with ErrNoSpace below it. 0 means
+	// DefaultMinFreeBytes. Filesystems that cannot report their free space
+	// (vfs.NewMem) are not checked.
+	MinFreeBytes int64
 }
+
+// DefaultMinFreeBytes is the default Options.MinFreeBytes: room for a
+// memtable flush (an sstable of up to the 32 MiB memtable) and the WAL of
+// the next memtable.
+const DefaultMinFreeBytes = 64 << 20
+
+// ErrNoSpace is returned by Open and Batch.Commit while the store's
+// filesystem has less free space than Options.MinFreeBytes. Nothing was
+// written; the same commit can be retried once space returns.
+//
+// Pebble treats a failed WAL or MANIFEST write as fatal (its commit
+// pipeline cannot recover in the process), and on a full disk its Open
+// retries the flush of the recovered WAL forever. Refusing before Pebble
+// writes turns a filling disk into a pause instead of a crash loop.
+var ErrNoSpace = errors.New("not enough free disk space")
 
 // Store is an open Pebble database with funnelwatch's key layout. Close it
 // when done.
 type Store struct {
-	db  *pebble.DB
-	dir string
+	db      *pebble.DB
+	dir     string
+	fs      vfs.FS
+	minFree uint64
 }
 
 // Open opens or creates the store in dir.
@@ -61,6 +84,15 @@ func Open(dir string, o Options) (*Store, error) {
 	if o.FS == nil {
 		opts.FS = vfs.Default
 	}
+	if o.MinFreeBytes <= 0 {
+		o.MinFreeBytes = DefaultMinFreeBytes
+	}
+	s := &Store{dir: dir, fs: opts.FS, minFree: uint64(o.MinFreeBytes)}
+	if !o.ReadOnly {
+		if err := s.checkSpace(0); err != nil {
+			return nil, fmt.Errorf("open store %q: %w", dir, err)
+		}
+	}
 	// Most entity lookups are for entities seen for the first time: bloom
 	// filters answer those without reading data blocks.
 	for i := range opts.Levels {
@@ -70,7 +102,35 @@ func Open(dir string, o Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open store %q: %w", dir, err)
 	}
-	return &Store{db: db, dir: dir}, nil
+	s.db = db
+	return s, nil
+}
+
+// checkSpace returns ErrNoSpace when writing n more bytes would leave less
+// than the reserve free. The directory may not exist yet (first Open): its
+// closest existing parent is on the same filesystem in every deployment
+// that matters (a volume mounted at or above it).
+func (s *Store) checkSpace(n int) error {
+	path := s.dir
+	for {
+		u, err := s.fs.GetDiskUsage(path)
+		switch {
+		case err == nil:
+			if u.AvailBytes < s.minFree+uint64(n) {
+				return fmt.Errorf("%w: %d bytes free, %d needed (%d reserved for the store's own flushes)",
+					ErrNoSpace, u.AvailBytes, s.minFree+uint64(n), s.minFree)
+			}
+			return nil
+		case errors.Is(err, vfs.ErrUnsupported):
+			return nil
+		case errors.Is(err, iofs.ErrNotExist) && s.fs.PathDir(path) != path:
+			path = s.fs.PathDir(path)
+		default:
+			// Not knowing the free space must not stop the store: Pebble
+			// reports the write errors there are.
+			return nil
+		}
+	}
 }
 
 // Close flushes nothing (every Batch is committed synchronously) and
@@ -88,16 +148,22 @@ func (s *Store) DiskBytes() uint64 { return s.db.Metrics().DiskSpaceUsage() }
 // Batch collects the writes of one flush. Commit applies all of them
 // atomically or none. A Batch is not safe for concurrent use.
 type Batch struct {
+	s   *Store
 	b   *pebble.Batch
 	buf []byte
 }
 
 // NewBatch returns an empty batch.
-func (s *Store) NewBatch() *Batch { return &Batch{b: s.db.NewBatch()} }
+func (s *Store) NewBatch() *Batch { return &Batch{s: s, b: s.db.NewBatch()} }
 
-// Commit applies the batch durably (the WAL is synced) and closes it.
+// Commit applies the batch durably (the WAL is synced) and closes it. It
+// returns an error wrapping ErrNoSpace, having written nothing, while the
+// filesystem is short of free space (see Options.MinFreeBytes).
 func (b *Batch) Commit() error {
 	defer b.b.Close()
+	if err := b.s.checkSpace(b.b.Len()); err != nil {
+		return fmt.Errorf("commit batch: %w", err)
+	}
 	if err := b.b.Commit(pebble.Sync); err != nil {
 		return fmt.Errorf("commit batch: %w", err)
 	}
@@ -481,6 +547,14 @@ func (p pebbleLogger) Errorf(format string, args ...any) {
 	}
 }
 
+// Fatalf logs and panics: Pebble calls it on errors it cannot recover from
+// in the process (a failed WAL or MANIFEST write), and it must not return,
+// or Pebble would report a failed commit as done. The process ends; a
+// restart resumes exactly from what the store holds.
 func (p pebbleLogger) Fatalf(format string, args ...any) {
-	panic(fmt.Sprintf("pebble: "+format, args...))
+	msg := fmt.Sprintf(format, args...)
+	if p.l != nil {
+		p.l.Error("store failed; exiting", "component", "pebble", "err", msg)
+	}
+	panic("pebble: " + msg)
 }
