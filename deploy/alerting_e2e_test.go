@@ -46,7 +46,7 @@ func TestAlertingEndToEnd(t *testing.T) {
 	brokers := cluster.ListenAddrs()
 	msgs := alertScenario()
 	w := &kafka.Writer{Addr: kafka.TCP(brokers...), Topic: "funnel-events", Balancer: &kafka.Hash{}, AllowAutoTopicCreation: true,
-		BatchTimeout: time.Millisecond, BatchSize: 5000}
+		BatchTimeout: time.Millisecond, BatchSize: 5000, RequiredAcks: kafka.RequireOne}
 	defer w.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()

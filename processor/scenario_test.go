@@ -43,7 +43,7 @@ func startBroker(t testing.TB, opts ...kfake.Opt) []string {
 // has one, in order.
 func produce(t testing.TB, brokers []string, topic string, lines [][]byte) {
 	t.Helper()
-	w := &kafka.Writer{Addr: kafka.TCP(brokers...), Topic: topic, Balancer: &kafka.Hash{}, AllowAutoTopicCreation: true, BatchTimeout: time.Millisecond, BatchSize: 1000}
+	w := &kafka.Writer{Addr: kafka.TCP(brokers...), Topic: topic, Balancer: &kafka.Hash{}, AllowAutoTopicCreation: true, BatchTimeout: time.Millisecond, BatchSize: 1000, RequiredAcks: kafka.RequireOne}
 	defer w.Close()
 	msgs := make([]kafka.Message, 0, len(lines))
 	for _, l := range lines {

@@ -202,7 +202,7 @@ func produceWith(t testing.TB, k processor.KafkaConfig, topic string, lines [][]
 	if err != nil {
 		t.Fatal(err)
 	}
-	w := &kafka.Writer{Addr: kafka.TCP(k.Brokers...), Topic: topic, Transport: transport, AllowAutoTopicCreation: true, BatchTimeout: time.Millisecond}
+	w := &kafka.Writer{Addr: kafka.TCP(k.Brokers...), Topic: topic, Transport: transport, AllowAutoTopicCreation: true, BatchTimeout: time.Millisecond, RequiredAcks: kafka.RequireOne}
 	defer w.Close()
 	msgs := make([]kafka.Message, 0, len(lines))
 	for _, l := range lines {

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"sort"
 	"strconv"
@@ -122,7 +123,7 @@ func syntheticEvents(n int, seed uint64) []kafka.Message {
 func produceMessages(t testing.TB, brokers []string, topic string, msgs []kafka.Message) {
 	t.Helper()
 	w := &kafka.Writer{Addr: kafka.TCP(brokers...), Topic: topic, Balancer: &kafka.Hash{}, AllowAutoTopicCreation: true,
-		BatchTimeout: time.Millisecond, BatchSize: 5000, BatchBytes: 4 << 20}
+		BatchTimeout: time.Millisecond, BatchSize: 5000, BatchBytes: 4 << 20, RequiredAcks: kafka.RequireOne}
 	defer w.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -146,9 +147,12 @@ type proc struct {
 	done chan error
 }
 
+// writeConfig writes the configuration of a test process to dir: the
+// broker, group, store in dir and listen address given, and extra YAML,
+// whose top-level keys replace those of the same name here.
 func writeConfig(t testing.TB, dir string, brokers []string, group, listen, extra string) string {
 	t.Helper()
-	cfg := fmt.Sprintf(`kafka:
+	base := fmt.Sprintf(`kafka:
   brokers: [%s]
   group: %s
   topics: [{name: events}]
@@ -160,9 +164,21 @@ store: {dir: %s}
 flush_interval: 100ms
 web: {listen_address: %q}
 log: {level: info, format: logfmt}
-%s`, strings.Join(brokers, ", "), group, filepath.Join(dir, "store"), listen, extra)
+`, strings.Join(brokers, ", "), group, filepath.Join(dir, "store"), listen)
+	var cfg strings.Builder
+	skip := false
+	for _, l := range strings.SplitAfter(base, "\n") {
+		if !strings.HasPrefix(l, " ") {
+			key, _, _ := strings.Cut(l, ":")
+			skip = key != "" && (strings.HasPrefix(extra, key+":") || strings.Contains(extra, "\n"+key+":"))
+		}
+		if !skip {
+			cfg.WriteString(l)
+		}
+	}
+	cfg.WriteString(extra)
 	path := filepath.Join(dir, "funnelwatch.yaml")
-	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+	if err := os.WriteFile(path, []byte(cfg.String()), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	return path
@@ -270,15 +286,39 @@ func runToEnd(t testing.TB, p *proc, n int) []string {
 	}
 }
 
-// TestCrashRecovery SIGKILLs funnelwatch at random moments while it
-// consumes, restarts it on the same store each time, and expects final
-// numbers equal to a run without faults: nothing lost, nothing counted
-// twice.
+// killKind is where in a funnelwatch process's life a SIGKILL landed, as
+// seen from outside: by the broker (is the group rebalancing?) and by the
+// kernel (is a thread writing the store's write-ahead log?).
+type killKind int
+
+const (
+	killConsuming killKind = iota // consuming, nothing else observed
+	killFlush                     // a thread in a write or sync of the store's WAL: a flush committing
+	killJoin                      // right after start, the group rebalancing for it: the initial join
+	killRebalance                 // while consuming, the group rebalancing because another member joined
+	numKillKinds
+)
+
+func (k killKind) String() string {
+	return [...]string{"consuming", "flush", "initial join", "rebalance"}[k]
+}
+
+// TestCrashRecovery SIGKILLs funnelwatch 24 times while it consumes, at
+// moments of four kinds (plain consumption, inside a flush, during the
+// initial group join, during a rebalance caused by another member joining),
+// restarts it on the same store each time, and expects final numbers equal
+// to a run without faults: nothing lost, nothing counted twice.
 func TestCrashRecovery(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the binary")
 	}
-	const n = 300_000
+	const (
+		n     = 200_000
+		kills = 24
+		// minPerKind kills of each kind must have been observed.
+		minPerKind = 3
+	)
+	start := time.Now()
 	brokers := startBroker(t, 3)
 	produceMessages(t, brokers, "events", syntheticEvents(n, 7))
 	logs := &lockedBuffer{}
@@ -293,42 +333,198 @@ func TestCrashRecovery(t *testing.T) {
 	clean := startProc(t, writeConfig(t, cleanDir, brokers, "clean", addr, ""), addr, logs)
 	want := runToEnd(t, clean, n)
 	clean.terminate(t)
+	cleanTook := time.Since(start)
 
 	dir := t.TempDir()
+	storeDir := filepath.Join(dir, "store")
 	addr = freePort(t)
-	cfg := writeConfig(t, dir, brokers, "faulty", addr, "")
+	// Short flushes, many of them: more kills land inside one.
+	cfg := writeConfig(t, dir, brokers, "faulty", addr, "flush_interval: 50ms\n")
 	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 2))
-	kills := 0
-	for progress := 0; kills < 8; {
+	var landed [numKillKinds]int
+	for i := range kills {
+		// Plain, flush, join, rebalance, in turn; the progress targets
+		// spread the kills over the whole input.
+		aim := killKind(i % int(numKillKinds))
+		target := (i + 1) * n * 9 / 10 / kills
 		p := startProc(t, cfg, addr, logs)
-		target := progress + 15_000 + rng.IntN(25_000)
-		if target >= n {
-			p.kill()
-			break
-		}
-		deadline := time.Now().Add(60 * time.Second)
-		for c := consumedOf(addr); c < target; c = consumedOf(addr) {
-			if time.Now().After(deadline) {
-				t.Fatalf("no progress to %d records after restart (at %d)", target, c)
+		var kind killKind
+		switch aim {
+		case killJoin:
+			// Joining takes a while after a kill: the group waits for the
+			// dead member until its session timeout. Kill anywhere in
+			// that rebalance.
+			time.Sleep(time.Duration(rng.IntN(300)) * time.Millisecond)
+			kind = killConsuming
+			if waitRebalancing(t, brokers, "faulty", 3*time.Second) {
+				time.Sleep(time.Duration(rng.IntN(200)) * time.Millisecond)
+				if strings.HasSuffix(groupState(t, brokers, "faulty"), "Rebalance") {
+					kind = killJoin
+				}
 			}
-			time.Sleep(time.Duration(rng.IntN(20)) * time.Millisecond)
+			p.kill()
+		default:
+			waitProgress(t, p, target)
+			switch aim {
+			case killConsuming:
+				time.Sleep(time.Duration(rng.IntN(200)) * time.Millisecond)
+				p.kill()
+				kind = killConsuming
+			case killFlush:
+				kind = killConsuming
+				if walWriteSeen(t, p.cmd.Process.Pid, storeDir, 5*time.Second) {
+					kind = killFlush
+				}
+				p.kill() // at once: the write was seen microseconds ago
+			case killRebalance:
+				kind = rebalanceKill(t, p, brokers, "faulty", rng)
+			}
 		}
-		// Anywhere from just after the check to a few flushes later.
-		time.Sleep(time.Duration(rng.IntN(300)) * time.Millisecond)
-		p.kill()
-		kills++
-		progress = target
-	}
-	if kills < 5 {
-		t.Fatalf("only %d kills happened", kills)
+		landed[kind]++
 	}
 	final := startProc(t, cfg, addr, logs)
 	got := runToEnd(t, final, n)
 	final.terminate(t)
-	t.Logf("%d SIGKILLs while consuming %d records", kills, n)
+	t.Logf("%d SIGKILLs while consuming %d records (%v; the run without faults took %v): %d consuming, %d in a flush, %d during the initial join, %d during a rebalance",
+		kills, n, time.Since(start).Round(time.Second), cleanTook.Round(time.Second),
+		landed[killConsuming], landed[killFlush], landed[killJoin], landed[killRebalance])
+	for k := killFlush; k < numKillKinds; k++ {
+		if landed[k] < minPerKind {
+			t.Errorf("%d kills landed %s; want at least %d", landed[k], k, minPerKind)
+		}
+	}
 	if d := diff(want, got); d != "" {
 		t.Errorf("final series differ from the run without faults:\n%s", d)
 	}
+}
+
+// waitProgress waits until p consumed target records.
+func waitProgress(t testing.TB, p *proc, target int) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for c := consumedOf(p.addr); c < target; c = consumedOf(p.addr) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no progress to %d records after restart (at %d)", target, c)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// groupState asks the broker for the state of a consumer group: Stable,
+// PreparingRebalance, CompletingRebalance, Empty or Dead.
+func groupState(t testing.TB, brokers []string, group string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c := &kafka.Client{Addr: kafka.TCP(brokers...)}
+	resp, err := c.DescribeGroups(ctx, &kafka.DescribeGroupsRequest{GroupIDs: []string{group}})
+	if err != nil {
+		t.Fatalf("describe group %s: %v", group, err)
+	}
+	if len(resp.Groups) != 1 || resp.Groups[0].Error != nil {
+		t.Fatalf("describe group %s: %+v", group, resp.Groups)
+	}
+	return resp.Groups[0].GroupState
+}
+
+// rebalanceKill has another member join p's consumer group, so that the
+// broker revokes and reassigns the partitions, and SIGKILLs p while the
+// group rebalances. The intruder is a plain kafka-go group member that
+// never reads or commits; it leaves the group after the kill. It returns
+// killRebalance when the broker reported the group rebalancing both before
+// and right after the kill was decided.
+func rebalanceKill(t testing.TB, p *proc, brokers []string, group string, rng *rand.Rand) killKind {
+	t.Helper()
+	cg, err := kafka.NewConsumerGroup(kafka.ConsumerGroupConfig{
+		ID: group, Brokers: brokers, Topics: []string{"events"},
+		SessionTimeout: time.Second, HeartbeatInterval: 200 * time.Millisecond, RebalanceTimeout: 3 * time.Second,
+		JoinGroupBackoff: 200 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	joined := make(chan struct{})
+	go func() {
+		defer close(joined)
+		_, _ = cg.Next(ctx) // the generation is never started: no reads, no commits
+	}()
+	defer func() {
+		cancel()
+		<-joined
+		_ = cg.Close()
+	}()
+	kind := killConsuming
+	if waitRebalancing(t, brokers, group, 10*time.Second) {
+		// Anywhere in the rebalance: funnelwatch stopping its readers,
+		// flushing, rejoining.
+		time.Sleep(time.Duration(rng.IntN(100)) * time.Millisecond)
+		if strings.HasSuffix(groupState(t, brokers, group), "Rebalance") {
+			kind = killRebalance
+		}
+	}
+	p.kill()
+	return kind
+}
+
+// waitRebalancing waits up to timeout for the broker to report the group
+// rebalancing (PreparingRebalance or CompletingRebalance).
+func waitRebalancing(t testing.TB, brokers []string, group string, timeout time.Duration) bool {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if st := groupState(t, brokers, group); strings.HasSuffix(st, "Rebalance") {
+			return true
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	return false
+}
+
+// walWriteSeen watches the threads of process pid for up to timeout and
+// reports whether one was seen inside a write or sync system call on a
+// write-ahead log (*.log) under storeDir: the store committing a batch,
+// which is what a flush does. It returns as soon as one is seen.
+func walWriteSeen(t testing.TB, pid int, storeDir string, timeout time.Duration) bool {
+	t.Helper()
+	// x86-64 system call numbers: write, pwrite64, writev, pwritev, fsync,
+	// fdatasync, sync_file_range.
+	calls := map[int]bool{1: true, 18: true, 20: true, 296: true, 74: true, 75: true, 277: true}
+	if runtime.GOARCH == "arm64" {
+		calls = map[int]bool{64: true, 68: true, 66: true, 70: true, 82: true, 83: true, 84: true}
+	} else if runtime.GOARCH != "amd64" {
+		t.Fatalf("walWriteSeen knows the system call numbers of amd64 and arm64, not %s", runtime.GOARCH)
+	}
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+		if err != nil {
+			return false
+		}
+		for _, task := range tasks {
+			b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/syscall", pid, task.Name()))
+			if err != nil {
+				continue
+			}
+			f := strings.Fields(string(b))
+			if len(f) < 2 {
+				continue // running in user space
+			}
+			nr, err := strconv.Atoi(f[0])
+			if err != nil || !calls[nr] {
+				continue
+			}
+			fd, err := strconv.ParseInt(strings.TrimPrefix(f[1], "0x"), 16, 64)
+			if err != nil {
+				continue
+			}
+			target, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%d", pid, fd))
+			if err == nil && strings.HasPrefix(target, storeDir) && strings.HasSuffix(target, ".log") {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 func diff(want, got []string) string {

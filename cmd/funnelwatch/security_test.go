@@ -191,7 +191,7 @@ func TestRunSecretsNeverLeak(t *testing.T) {
 		{Key: []byte("c"), Value: []byte(`{"id":"4","type":"visit","entity":"c","time":"not a time"}`)},
 	}
 	w := &kafka.Writer{Addr: kafka.TCP(s.brokers...), Topic: "events", Transport: s.transport, Balancer: &kafka.Hash{},
-		AllowAutoTopicCreation: true, BatchTimeout: time.Millisecond}
+		AllowAutoTopicCreation: true, BatchTimeout: time.Millisecond, RequiredAcks: kafka.RequireOne}
 	defer w.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
