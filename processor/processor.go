@@ -134,9 +134,13 @@ type Processor struct {
 	hasHistory    bool
 	lastEvent     int64 // ms
 	entityCount   int64
-	deletedBefore int64 // buckets below this were deleted
-	sweepAfter    []byte
-	deadLetters   []kafka.Message
+	// storedEntities is entityCount as of the last commit: what a batch
+	// committed outside a flush (the sweep) may write, since entities
+	// applied after the flush's prepare are not in the store yet.
+	storedEntities int64
+	deletedBefore  int64 // buckets below this were deleted
+	sweepAfter     []byte
+	deadLetters    []kafka.Message
 
 	// Scratch space of the hot path, reused so that applying an event
 	// allocates nothing.
@@ -362,6 +366,7 @@ func (p *Processor) load() error {
 			}
 		}
 	}
+	p.storedEntities = p.entityCount
 	now := p.clockNow()
 	p.evalHistoryStart, p.evalHasHistory = p.historyStart, p.hasHistory
 	if err := p.loadRanges(now); err != nil {
@@ -549,8 +554,6 @@ func (p *Processor) ApplyBatch(b *Batch) {
 	if b.HighWaterMark > part.hwm {
 		part.hwm = b.HighWaterMark
 	}
-	topicStage := p.topicStage[b.Topic]
-	_ = topicStage
 	wall := int64(0)
 	if !p.eventClock {
 		wall = p.now().UnixMilli()
@@ -852,6 +855,7 @@ type inflight struct {
 	deleting     bool
 	historyStart int64
 	hasHistory   bool
+	entities     int64
 }
 
 type flushedPart struct {
@@ -903,6 +907,7 @@ func (p *Processor) flushLocked(ctx context.Context, sweep bool) error {
 	if f.deleting {
 		p.deletedBefore = f.cutoff
 	}
+	p.storedEntities = f.entities
 	p.flushDirty = f.dirty[:0]
 	p.spareDeadLetters = f.deadLetters[:0]
 	p.mu.Unlock()
@@ -956,7 +961,7 @@ func (p *Processor) prepare() (*inflight, *store.Batch) {
 		now: p.clockNow(), segments: p.flushSegments[:0], dirty: p.flushDirty[:0],
 		overflow: f.overflow[:0], hist: f.hist[:0], histBuf: f.histBuf, parts: f.parts[:0], statusDirty: f.statusDirty[:0],
 		fresh:        f.fresh[:0],
-		historyStart: p.historyStart, hasHistory: p.hasHistory,
+		historyStart: p.historyStart, hasHistory: p.hasHistory, entities: p.entityCount,
 	}
 	f.deadLetters, p.deadLetters = p.deadLetters, p.spareDeadLetters[:0]
 	p.pendingVecs.Store(0)
@@ -1162,7 +1167,13 @@ func (p *Processor) sweep(now int64) error {
 	next, err := p.st.Entities(p.sweepAfter, sweepChunk, func(key []byte, partition int, id []byte, e *store.Entity) bool {
 		last := e.LastSeen
 		if idx, ok := p.entities.find(key[1:], xxhash.Sum64(key[1:])); ok {
-			last = p.entities.rec(idx).lastSeen
+			r := p.entities.rec(idx)
+			if r.flags&recDirty != 0 {
+				// Applied since the last flush's prepare: its state is
+				// not in the store yet, the next flush writes it.
+				return true
+			}
+			last = r.lastSeen
 		}
 		if now-last > p.ttlMs {
 			dead = append(dead, slices.Clone(key))
@@ -1181,7 +1192,9 @@ func (p *Processor) sweep(now int64) error {
 		partition := int(binary.BigEndian.Uint32(k[1:5]))
 		batch.DeleteEntity(partition, k[5:])
 	}
-	batch.SetMeta(metaEntities, p.entityCount-int64(len(dead)))
+	// Entities created since the flush's prepare are not in the store:
+	// the count stored with this batch is the committed one.
+	batch.SetMeta(metaEntities, p.storedEntities-int64(len(dead)))
 	if err := batch.Commit(); err != nil {
 		return fmt.Errorf("delete expired entities: %w", err)
 	}
@@ -1192,6 +1205,7 @@ func (p *Processor) sweep(now int64) error {
 		}
 	}
 	p.entityCount -= int64(len(dead))
+	p.storedEntities -= int64(len(dead))
 	return nil
 }
 

@@ -188,7 +188,9 @@ client_golang, same series     %10s (ratio %.2f)
 		return errors.New("bench: freshness: no record was seen in /metrics")
 	}
 	slices.Sort(lat)
-	q := func(f float64) time.Duration { return lat[min(len(lat)-1, int(f*float64(len(lat))))].Round(time.Millisecond) }
+	q := func(f float64) time.Duration {
+		return lat[min(len(lat)-1, int(f*float64(len(lat))))].Round(time.Millisecond)
+	}
 	fmt.Fprintf(stdout, "records to /metrics: p50 %s, p99 %s, max %s (%d records, %.0f/s; flush_interval %s)\n",
 		q(0.5), q(0.99), lat[len(lat)-1].Round(time.Millisecond), len(lat), float64(len(lat))/time.Duration(freshness).Seconds(),
 		model.Duration(processor.D(last.proc.cfg.FlushInterval)))
