@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/cespare/xxhash/v2"
-	"github.com/cockroachdb/pebble/v2/vfs"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	dto "github.com/prometheus/client_model/go"
@@ -167,6 +166,30 @@ func newFeeder(p *eventPool, size int) *feeder {
 	return f
 }
 
+// remappedPool returns a copy of p whose entity ids are folded onto n
+// distinct ones (same length, so that the key sizes stay the model's),
+// keeping each entity's events together.
+func remappedPool(p *eventPool, n int) *eventPool {
+	q := *p
+	q.entities = slices.Clone(p.entities)
+	seen := map[uint64]struct{}{}
+	for _, pe := range p.events {
+		if pe.entLen == 0 {
+			continue
+		}
+		id := q.entities[pe.entOff : pe.entOff+uint32(pe.entLen)]
+		k := xxhash.Sum64(p.entities[pe.entOff:pe.entOff+uint32(pe.entLen)]) % uint64(n)
+		// "u-" and then the folded id in hex, padded to the id's length.
+		for i := len(id) - 1; i >= 2; i-- {
+			id[i] = "0123456789abcdef"[k&15]
+			k >>= 4
+		}
+		seen[xxhash.Sum64(id)] = struct{}{}
+	}
+	q.distinct = len(seen)
+	return &q
+}
+
 // add appends the next record; it reports whether the batch is full.
 func (f *feeder) add() bool {
 	pe := &f.pool.events[f.i]
@@ -220,9 +243,11 @@ func (f *feeder) apply(p *processor.Processor, n int) {
 	}
 }
 
-func memStore(tb testing.TB) *store.Store {
+// diskStore opens a store in a temporary directory: Pebble's in-memory
+// file system grows its files by copying, which would dominate a flush.
+func diskStore(tb testing.TB) *store.Store {
 	tb.Helper()
-	st, err := store.Open("", store.Options{FS: vfs.NewMem()})
+	st, err := store.Open(tb.TempDir(), store.Options{})
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -266,37 +291,56 @@ func BenchmarkDecode(b *testing.B) {
 }
 
 // BenchmarkApply measures the processing core: ApplyBatch over pre-decoded
-// batches of 2048 records (the consumer's batch size) drawn from about 1.2
-// million distinct entities, with a Flush every flush_interval of real time
-// as Processor.Run does, on an in-memory store. One iteration is one record.
+// batches of 2048 records (the consumer's batch size), with a Flush every
+// flush_interval of real time as Processor.Run does, on a store on disk.
+// One iteration is one record.
 //
-// cache=default uses store.entity_cache as configured by default; cache=all
-// holds every entity in memory, which isolates the cost of the store reads
-// of evicted entities.
+// The entities=N cases fold the model's entity ids onto N distinct ones
+// and apply up to two pool cycles' worth of records before timing, so that
+// every entity exists when the timed records come (the pool holds about
+// 1.2 million distinct entities in 2 million records). The default
+// store.entity_cache (500,000) holds the smaller cases entirely; with 1M
+// entities, cache=all holds every entity in memory, which isolates the
+// cost of reading evicted entities back from the store.
+//
+// The records replay five weeks of event time about 10,000 times faster
+// than real time on the event clock, so every flush also steps the
+// alerting windows through thousands of bucket boundaries (see
+// docs/performance.md): this is the catch-up case, the most expensive one.
 func BenchmarkApply(b *testing.B) {
 	p := loadPool(b)
 	b.Logf("pool: %d records, %d distinct entities, %s of event time", len(p.events), p.distinct, time.Duration(p.span)*time.Millisecond)
 	for _, bc := range []struct {
-		name  string
-		cache int
+		name     string
+		entities int
+		cache    int
 	}{
-		{"cache=default", 0},
-		{"cache=all", 4 << 20},
+		{"entities=10k", 10_000, 0},
+		{"entities=100k", 100_000, 0},
+		{"entities=1M", 1_000_000, 0},
+		{"entities=1M/cache=all", 1_000_000, 4 << 20},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			cfg := benchConfig(b)
 			if bc.cache > 0 {
 				cfg.Store.EntityCache = bc.cache
 			}
-			proc, err := processor.New(cfg, memStore(b), processor.Options{})
+			proc, err := processor.New(cfg, diskStore(b), processor.Options{})
 			if err != nil {
 				b.Fatal(err)
 			}
-			f := newFeeder(p, 2048)
-			interval := processor.D(cfg.FlushInterval)
+			f := newFeeder(remappedPool(p, bc.entities), 2048)
 			ctx := context.Background()
+			// Warm up: every entity seen once, the cache full.
+			for done := 0; done < min(len(p.events), 2*bc.entities); done += 100_000 {
+				f.apply(proc, 100_000)
+				if err := proc.Flush(ctx); err != nil {
+					b.Fatal(err)
+				}
+			}
+			interval := processor.D(cfg.FlushInterval)
 			flushes := 0
-			var last time.Time
+			last := time.Now()
 			b.ReportAllocs()
 			for b.Loop() {
 				if !f.add() {
@@ -304,9 +348,6 @@ func BenchmarkApply(b *testing.B) {
 				}
 				proc.ApplyBatch(&f.batch)
 				f.reset()
-				if last.IsZero() {
-					last = time.Now()
-				}
 				if time.Since(last) >= interval {
 					if err := proc.Flush(ctx); err != nil {
 						b.Fatal(err)
@@ -329,7 +370,7 @@ func BenchmarkFlush(b *testing.B) {
 	for _, perFlush := range []int{1_000, 10_000, 100_000} {
 		b.Run("events="+strconv.Itoa(perFlush), func(b *testing.B) {
 			cfg := benchConfig(b)
-			proc, err := processor.New(cfg, memStore(b), processor.Options{})
+			proc, err := processor.New(cfg, diskStore(b), processor.Options{})
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -374,8 +415,15 @@ const (
 // breakdown), each with a few weeks of traffic.
 func thousandSegments(tb testing.TB, reg prometheus.Registerer) *processor.Processor {
 	tb.Helper()
+	return withSegments(tb, reg, segSources, segRegions)
+}
+
+// withSegments returns a processor with (segSources+1)·(segRegions+1)
+// segments across every breakdown, each with 36 days of traffic.
+func withSegments(tb testing.TB, reg prometheus.Registerer, segSources, segRegions int) *processor.Processor {
+	tb.Helper()
 	cfg := segmentsConfig(tb)
-	proc, err := processor.New(cfg, memStore(tb), processor.Options{Registerer: reg})
+	proc, err := processor.New(cfg, diskStore(tb), processor.Options{Registerer: reg})
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -435,14 +483,22 @@ func (d *discardResponse) Header() http.Header         { return d.header }
 func (d *discardResponse) Write(b []byte) (int, error) { d.n += len(b); return len(b), nil }
 func (d *discardResponse) WriteHeader(int)             {}
 
-// BenchmarkCollect renders /metrics for 1000 segments across every
+// BenchmarkCollect renders /metrics for 100 and 1000 segments across every
 // breakdown (funnelwatch), next to client_golang exposing the same series
 // as constant metrics built at scrape time (client_golang): the same
 // registry, handler and text encoder, so the difference is what
 // funnelwatch's Collector adds. One iteration is one scrape.
 func BenchmarkCollect(b *testing.B) {
+	for _, sc := range []struct{ sources, regions int }{{9, 9}, {segSources, segRegions}} {
+		b.Run(fmt.Sprintf("segments=%d", (sc.sources+1)*(sc.regions+1)), func(b *testing.B) {
+			benchmarkCollect(b, sc.sources, sc.regions)
+		})
+	}
+}
+
+func benchmarkCollect(b *testing.B, sources, regions int) {
 	reg := prometheus.NewRegistry()
-	thousandSegments(b, reg)
+	withSegments(b, reg, sources, regions)
 	mfs, err := reg.Gather()
 	if err != nil {
 		b.Fatal(err)
@@ -608,22 +664,50 @@ func restart(tb testing.TB, dir string) (string, time.Duration) {
 }
 
 // BenchmarkRestart measures the time from store.Open to the end of the
-// first scrape on a store holding the whole pool (about 1.2 million
-// entities and five weeks of buckets). One iteration is one restart; the
-// store is built once, before timing.
+// first scrape, which must equal the last scrape before the restart, on a
+// store holding the first week of the pool (history=1w, about 300,000
+// entities) or all of it (history=5w: about 1.2 million entities and five
+// weeks of buckets). One iteration is one restart; the store is built
+// once, before timing.
 func BenchmarkRestart(b *testing.B) {
 	p := loadPool(b)
-	dir := b.TempDir()
-	want := buildStore(b, dir, p, len(p.events))
-	var total time.Duration
-	n := 0
-	for b.Loop() {
-		got, took := restart(b, dir)
-		if got != want {
-			b.Fatalf("exposition after a restart differs:\n%s", diffLines(want, got))
-		}
-		total += took
-		n++
+	for _, hc := range []struct {
+		name   string
+		events int
+	}{{"history=1w", len(p.events) / 5}, {"history=5w", len(p.events)}} {
+		b.Run(hc.name, func(b *testing.B) {
+			dir := b.TempDir()
+			want := buildStore(b, dir, p, hc.events)
+			var total time.Duration
+			n := 0
+			for b.Loop() {
+				got, took := restart(b, dir)
+				if got != want {
+					b.Fatalf("exposition after a restart differs:\n%s", diffLines(want, got))
+				}
+				total += took
+				n++
+			}
+			b.ReportMetric(total.Seconds()/float64(n), "s/restart")
+		})
 	}
-	b.ReportMetric(total.Seconds()/float64(n), "s/restart")
+}
+
+// BenchmarkEvaluate runs degradation and volume detection once over 100
+// and 1000 segments (every breakdown) with the default three steps, two of
+// them alerting with four baseline weeks: what a flush does at every
+// bucket boundary on the event clock. One iteration is one evaluation of
+// every segment.
+func BenchmarkEvaluate(b *testing.B) {
+	for _, sc := range []struct{ sources, regions int }{{9, 9}, {segSources, segRegions}} {
+		segs := (sc.sources + 1) * (sc.regions + 1)
+		b.Run(fmt.Sprintf("segments=%d", segs), func(b *testing.B) {
+			proc := withSegments(b, nil, sc.sources, sc.regions)
+			b.ReportAllocs()
+			for b.Loop() {
+				processor.Evaluate(proc)
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*segs), "ns/segment")
+		})
+	}
 }

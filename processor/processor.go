@@ -546,7 +546,7 @@ func (p *Processor) ApplyBatch(b *Batch) {
 		// Flushes do not keep up: write before taking more, so that the
 		// deltas held in memory stay bounded. An error stalls the
 		// processor, which the consumer waits on.
-		_ = p.flush(context.Background(), false)
+		_ = p.flush(context.Background(), false, 2*p.pendingLimit)
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -819,14 +819,22 @@ func (p *Processor) entity(partition int, id []byte) (idx uint32, ok bool) {
 // When it fails nothing was written; the state stays in memory for the next
 // attempt and Stalled reports true until one succeeds.
 func (p *Processor) Flush(ctx context.Context) error {
-	return p.flush(ctx, true)
+	return p.flush(ctx, true, 0)
 }
 
 // flush is Flush; sweep says whether to check a chunk of stored entities
 // for expiry, which early flushes (pending deltas at their bound) skip.
-func (p *Processor) flush(ctx context.Context, sweep bool) error {
+// With minPending > 0 it is an early flush, done only when at least that
+// many pending vectors are still there once it is this flush's turn: the
+// readers that found the bound reached at the same time wait for one flush
+// instead of each running its own.
+func (p *Processor) flush(ctx context.Context, sweep bool, minPending int64) error {
 	start := time.Now()
 	p.flushMu.Lock()
+	if minPending > 0 && p.pendingVecs.Load() < minPending {
+		p.flushMu.Unlock()
+		return nil
+	}
 	err := p.flushLocked(ctx, sweep)
 	p.flushMu.Unlock()
 	p.stalled.Store(err != nil)
@@ -1272,7 +1280,7 @@ func (p *Processor) Run(ctx context.Context) error {
 		case <-p.flushNow:
 			// The pending deltas reached their bound (a catch-up): flush
 			// early, so that memory does not grow with the rate.
-			if err := p.flush(ctx, false); err != nil && !errors.Is(err, context.Canceled) {
+			if err := p.flush(ctx, false, p.pendingLimit); err != nil && !errors.Is(err, context.Canceled) {
 				p.logger.Error("flush failed; consumption paused until it succeeds", "err", err)
 			}
 		}
