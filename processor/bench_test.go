@@ -678,6 +678,20 @@ func BenchmarkRestart(b *testing.B) {
 		b.Run(hc.name, func(b *testing.B) {
 			dir := b.TempDir()
 			want := buildStore(b, dir, p, hc.events)
+			st, err := store.Open(dir, store.Options{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			size := st.DiskBytes()
+			st.Close()
+			entities := map[uint64]struct{}{}
+			for _, pe := range p.events[:hc.events] {
+				if pe.entLen > 0 {
+					entities[xxhash.Sum64(p.entities[pe.entOff:pe.entOff+uint32(pe.entLen)])] = struct{}{}
+				}
+			}
+			b.ReportMetric(float64(size)/(1<<20), "store-MiB")
+			b.ReportMetric(float64(len(entities)), "entities")
 			var total time.Duration
 			n := 0
 			for b.Loop() {

