@@ -411,13 +411,6 @@ const (
 	segRegions = 39
 )
 
-// thousandSegments returns a processor with 1000 segments (every
-// breakdown), each with a few weeks of traffic.
-func thousandSegments(tb testing.TB, reg prometheus.Registerer) *processor.Processor {
-	tb.Helper()
-	return withSegments(tb, reg, segSources, segRegions)
-}
-
 // withSegments returns a processor with (segSources+1)·(segRegions+1)
 // segments across every breakdown, each with 36 days of traffic.
 func withSegments(tb testing.TB, reg prometheus.Registerer, segSources, segRegions int) *processor.Processor {

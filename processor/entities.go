@@ -10,8 +10,9 @@ import (
 // million entities and more: states live in fixed-size records in pages
 // (no pointers, so the garbage collector never scans them, and no
 // allocation per entity), keys in one byte arena, and an open-addressing
-// hash table maps keys to records. A record takes about 100 bytes with the
-// default funnel; see docs/performance.md.
+// hash table maps keys to records. An entity takes about 120 bytes with
+// the default funnel (record, reach times, key and slot); see
+// docs/performance.md.
 type entityTable struct {
 	stages int
 	// slots hold, per slot, the low 32 bits of the key's hash (the slot it

@@ -65,11 +65,16 @@ func (c *BucketCursor) load() {
 // an error (see Close).
 func (c *BucketCursor) Valid() bool { return c.valid }
 
-// Bucket, Segment and Vector describe the current key. Segment and Vector
-// are only valid until Next.
-func (c *BucketCursor) Bucket() int64   { return c.bucket }
+// Bucket returns the bucket of the current key.
+func (c *BucketCursor) Bucket() int64 { return c.bucket }
+
+// Segment returns the segment of the current key; it is only valid until
+// Next.
 func (c *BucketCursor) Segment() []byte { return c.seg }
-func (c *BucketCursor) Vector() Vector  { return c.vec }
+
+// Vector returns the counters of the current key; it is only valid until
+// Next.
+func (c *BucketCursor) Vector() Vector { return c.vec }
 
 // Next moves to the next key.
 func (c *BucketCursor) Next() {
