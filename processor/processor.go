@@ -471,9 +471,13 @@ func (p *Processor) CaughtUp() bool {
 	return true
 }
 
-// Stalled reports whether the last flush failed; readers wait while it is
-// set, so that no more state piles up in memory than one flush could write.
-func (p *Processor) Stalled() bool { return p.stalled.Load() }
+// Stalled reports whether the last flush failed or the store's disk is
+// below its reserve, so that the next flush will; readers wait while it
+// is set, so that no more state piles up in memory than one flush could
+// write. Checking the disk too stops them within a batch of the disk
+// filling up rather than a flush interval later, which at full speed is
+// tens of thousands of records applied that cannot be stored.
+func (p *Processor) Stalled() bool { return p.stalled.Load() || p.st.LowOnSpace() }
 
 // Batch is a run of consecutive records of one partition, decoded. Build it
 // with Add and hand it to ApplyBatch; Reset makes it reusable.

@@ -132,6 +132,10 @@ func (s *Store) checkSpace(n int) error {
 	}
 }
 
+// LowOnSpace reports whether less than the reserve is free on the store's
+// disk: the next commit would fail with ErrNoSpace.
+func (s *Store) LowOnSpace() bool { return errors.Is(s.checkSpace(0), ErrNoSpace) }
+
 // Close flushes nothing (every Batch is committed synchronously) and
 // releases the database.
 func (s *Store) Close() error {

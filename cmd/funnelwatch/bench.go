@@ -8,11 +8,13 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/debug"
 	"runtime/pprof"
 	"slices"
 	"strconv"
@@ -69,6 +71,12 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	if *cpuProfile != "" || *memProfile != "" {
 		*inProcess = true
+	}
+	if !*inProcess {
+		// The broker holds every preloaded record: a GOMEMLIMIT in the
+		// environment is meant for the funnelwatch child, which inherits
+		// it, not for this process.
+		debug.SetMemoryLimit(math.MaxInt64)
 	}
 	if *scale == 0 {
 		*scale = float64(*events) / (benchRecordsPerHour * time.Duration(history).Hours())
