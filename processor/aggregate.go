@@ -3,6 +3,8 @@ package processor
 import (
 	"fmt"
 	"math"
+	"slices"
+	"sync"
 
 	"github.com/funnelwatch/funnelwatch/store"
 )
@@ -20,6 +22,10 @@ type segment struct {
 	pending map[int64]store.Vector
 	lastB   int64
 	last    store.Vector
+	// flushing holds the deltas of the flush being committed, and
+	// totalsFlushing its totals: ApplyBatch fills pending meanwhile.
+	flushing       map[int64]store.Vector
+	totalsFlushing []int64
 
 	sums        []int64 // len(ranges) * vecLen
 	totals      []int64 // all-time events per stage
@@ -55,14 +61,16 @@ func (p *Processor) newSegment(key store.Segment) *segment {
 	l := p.layout
 	bd := key.Breakdown()
 	s := &segment{
-		key:         key,
-		breakdown:   bd,
-		pending:     map[int64]store.Vector{},
-		sums:        make([]int64, len(l.ranges)*l.vecLen),
-		totals:      make([]int64, l.stages),
-		totalsDelta: make([]int64, l.stages),
-		status:      make([]bool, l.alertingSteps()+1),
-		eval:        make([]stepEval, len(l.steps)),
+		key:            key,
+		breakdown:      bd,
+		pending:        map[int64]store.Vector{},
+		flushing:       map[int64]store.Vector{},
+		totalsFlushing: make([]int64, l.stages),
+		sums:           make([]int64, len(l.ranges)*l.vecLen),
+		totals:         make([]int64, l.stages),
+		totalsDelta:    make([]int64, l.stages),
+		status:         make([]bool, l.alertingSteps()+1),
+		eval:           make([]stepEval, len(l.steps)),
 	}
 	ids := key.IDs()
 	for i, dim := range p.breakdownDims[bd] {
@@ -84,23 +92,87 @@ func (p *Processor) segmentFor(key []byte) *segment {
 }
 
 // vec returns the pending delta vector of bucket b, creating it.
-func (s *segment) vec(p *Processor, b int64) store.Vector {
+func (s *segment) vec(p *Processor, b int64) store.Vector { return s.lookup(p, b, true) }
+
+// lookup returns the pending delta vector of bucket b, creating it; with
+// remember it becomes the cached one.
+func (s *segment) lookup(p *Processor, b int64, remember bool) store.Vector {
 	if s.last != nil && s.lastB == b {
 		return s.last
 	}
 	v, ok := s.pending[b]
 	if !ok {
-		v = make(store.Vector, p.layout.vecLen)
+		v = p.vecs.alloc()
+		if p.pendingVecs.Add(1) == p.pendingLimit {
+			select {
+			case p.flushNow <- struct{}{}:
+			default:
+			}
+		}
 		if len(s.pending) == 0 {
 			p.dirtySegments = append(p.dirtySegments, s)
 		}
 		s.pending[b] = v
 	}
-	s.lastB, s.last = b, v
+	if remember {
+		s.lastB, s.last = b, v
+	}
 	return v
 }
 
+// clearFlushing empties the deltas of a flush. A map grown by a catch-up
+// (thousands of buckets) is dropped rather than cleared: Go maps do not
+// shrink.
+func (s *segment) clearFlushing() {
+	if len(s.flushing) > 256 {
+		s.flushing = map[int64]store.Vector{}
+		return
+	}
+	clear(s.flushing)
+}
+
 func (s *segment) sum(l *layout, r, i int) int64 { return s.sums[r*l.vecLen+i] }
+
+// vecArena hands out the pending delta vectors of a flush from reused
+// chunks, so that a new bucket of a segment allocates nothing once the
+// arena has grown to a flush's worth.
+type vecArena struct {
+	vecLen     int
+	chunks     [][]int64
+	chunk, off int
+}
+
+const vecChunk = 1 << 14 // int64s
+
+func (a *vecArena) alloc() store.Vector {
+	n := a.vecLen
+	for {
+		if a.chunk < len(a.chunks) {
+			c := a.chunks[a.chunk]
+			if a.off+n <= len(c) {
+				v := c[a.off : a.off+n : a.off+n]
+				a.off += n
+				clear(v)
+				return v
+			}
+			a.chunk, a.off = a.chunk+1, 0
+			continue
+		}
+		a.chunks = append(a.chunks, make([]int64, max(vecChunk, n)))
+	}
+}
+
+// reset makes every vector free again; call it when none is used.
+func (a *vecArena) reset() { a.chunk, a.off = 0, 0 }
+
+// trim releases the chunks beyond what n vectors take.
+func (a *vecArena) trim(n int64) {
+	keep := int(n*int64(a.vecLen)/vecChunk) + 1
+	if len(a.chunks) > keep {
+		clear(a.chunks[keep:])
+		a.chunks = a.chunks[:keep]
+	}
+}
 
 // addToRanges adds v (times sign) to every range that holds bucket b, at
 // the current positions.
@@ -211,7 +283,7 @@ func (p *Processor) loadRanges(now int64) error {
 func (p *Processor) evaluate() {
 	l := p.layout
 	a := p.cfg.Alerts
-	histStart := p.historyStart
+	histStart, hasHistory := p.evalHistoryStart, p.evalHasHistory
 	for _, s := range p.segmentList {
 		for t, sl := range l.steps {
 			if !sl.alerting {
@@ -221,7 +293,7 @@ func (p *Processor) evaluate() {
 			cur := sl.cohort[sl.window]
 			e.x, e.n = s.sum(l, cur, l.converted(t)), s.sum(l, cur, l.entered(t))
 			for _, r := range sl.baseline {
-				if !p.hasHistory || p.positions[r].lo < histStart {
+				if !hasHistory || p.positions[r].lo < histStart {
 					break
 				}
 				e.available = true
@@ -259,7 +331,7 @@ func (p *Processor) evaluate() {
 		var n0 int64
 		k := 0
 		for _, r := range l.volume.baseline {
-			if !p.hasHistory || p.positions[r].lo < histStart {
+			if !hasHistory || p.positions[r].lo < histStart {
 				break
 			}
 			k++
@@ -310,8 +382,11 @@ func (s *segment) statusVector() store.Vector {
 // dictionary assigns ids to dimension values, first come, up to max_values
 // per dimension (SPEC §3), and remembers them in the store.
 type dictionary struct {
-	dims      []string
-	ids       []map[string]uint32
+	dims []string
+	ids  []map[string]uint32 // under the processor's mu
+	// mu guards values: a flush names new segments without the
+	// processor's mu while ApplyBatch adds values.
+	mu        sync.RWMutex
 	values    [][]string
 	maxValues int
 	// fresh lists the values assigned since the last flush.
@@ -323,6 +398,9 @@ type freshValue struct {
 	value string
 	id    uint32
 }
+
+// reservedValues are the values of the reserved ids.
+var reservedValues = [firstValueID]string{"unknown", "invalid", "other"}
 
 // Reserved ids. Their values are not counted toward max_values.
 const (
@@ -336,7 +414,7 @@ func newDictionary(dims []string, maxValues int) *dictionary {
 	d := &dictionary{dims: dims, maxValues: maxValues}
 	for range dims {
 		d.ids = append(d.ids, map[string]uint32{})
-		d.values = append(d.values, []string{"unknown", "invalid", "other"})
+		d.values = append(d.values, slices.Clone(reservedValues[:]))
 	}
 	return d
 }
@@ -350,10 +428,12 @@ func (d *dictionary) load(dim, value string, id uint32) error {
 			return fmt.Errorf("dictionary id %d of %s=%q out of range", id, dim, value)
 		}
 		d.ids[i][value] = id
+		d.mu.Lock()
 		for uint32(len(d.values[i])) <= id {
 			d.values[i] = append(d.values[i], "")
 		}
 		d.values[i][id] = value
+		d.mu.Unlock()
 	}
 	return nil
 }
@@ -372,7 +452,7 @@ func (d *dictionary) id(i int, raw []byte, invalid bool) (id uint32, overflow bo
 	// A producer's literal "unknown", "invalid" or "other" means what ours
 	// does: an id of its own would export a second segment with the same
 	// labels, and a duplicate series fails the whole scrape.
-	for id, name := range d.values[i][:firstValueID] {
+	for id, name := range reservedValues {
 		if string(raw) == name {
 			return uint32(id), false
 		}
@@ -383,15 +463,19 @@ func (d *dictionary) id(i int, raw []byte, invalid bool) (id uint32, overflow bo
 	if len(d.ids[i]) >= d.maxValues {
 		return idOther, true
 	}
-	id = uint32(len(d.values[i]))
 	v := string(raw)
-	d.ids[i][v] = id
+	d.mu.Lock()
+	id = uint32(len(d.values[i]))
 	d.values[i] = append(d.values[i], v)
+	d.mu.Unlock()
+	d.ids[i][v] = id
 	d.fresh = append(d.fresh, freshValue{i, v, id})
 	return id, false
 }
 
 func (d *dictionary) value(i int, id uint32) string {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
 	if int(id) < len(d.values[i]) {
 		return d.values[i][id]
 	}

@@ -13,12 +13,15 @@
 package processor
 
 import (
+	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -74,11 +77,43 @@ type Processor struct {
 	// stalled is set while flushes fail, so readers stop feeding state
 	// that cannot be written.
 	stalled atomic.Bool
+	// pendingVecs counts the bucket vectors of the pending deltas; at
+	// pendingLimit Run flushes early, at twice that ApplyBatch flushes
+	// before applying (see pendingBytes).
+	pendingVecs  atomic.Int64
+	pendingLimit int64
+	flushNow     chan struct{}
 
-	mu            sync.Mutex
-	entities      map[string]*entity
-	known         *entityFilter // keys of stored entities
-	dirty         []*entity     // entities changed since the last flush
+	// flushMu serialises flushes. mu guards the live state: what
+	// ApplyBatch changes. sumsMu guards the segments' running sums and
+	// evaluations, which a flush moves without holding mu; it is taken
+	// after mu when both are needed.
+	flushMu sync.Mutex
+	sumsMu  sync.Mutex
+	// inflight is the state of the running flush; flushSegments,
+	// flushDirty, vecsFlushing and spareDeadLetters are spare buffers
+	// swapped with the live ones.
+	inflight         inflight
+	flushSegments    []*segment
+	flushDirty       []uint32
+	vecsFlushing     vecArena
+	spareDeadLetters []kafka.Message
+	// evalHistoryStart and evalHasHistory are the history start as of the
+	// last flush, which evaluate uses (under sumsMu).
+	evalHistoryStart int64
+	evalHasHistory   bool
+
+	mu       sync.Mutex
+	entities *entityTable
+	known    *entityFilter // keys of stored entities
+	dirty    []uint32      // records of entities changed since the last flush
+	// combos are the distinct combinations of dimension values entities
+	// have, with their segments: an entity refers to one by index.
+	combos        []combo
+	comboIndex    map[string]uint32
+	evalRanges    []int  // the ranges evaluate reads
+	evalTaps      []*tap // their edges, for stepping through buckets
+	vecs          vecArena
 	dict          *dictionary
 	segments      map[store.Segment]*segment
 	segmentList   []*segment
@@ -99,20 +134,39 @@ type Processor struct {
 	hasHistory    bool
 	lastEvent     int64 // ms
 	entityCount   int64
-	deletedBefore int64 // buckets below this were deleted
-	sweepAfter    []byte
-	deadLetters   []kafka.Message
-	keyBuf        []byte
+	// storedEntities is entityCount as of the last commit: what a batch
+	// committed outside a flush (the sweep) may write, since entities
+	// applied after the flush's prepare are not in the store yet.
+	storedEntities int64
+	deletedBefore  int64 // buckets below this were deleted
+	sweepAfter     []byte
+	deadLetters    []kafka.Message
+
+	// Scratch space of the hot path, reused so that applying an event
+	// allocates nothing.
+	keyBuf       []byte
+	getBuf       []byte
+	loaded       store.Entity
+	view         store.Entity
+	dimBuf       []uint32
+	comboKey     []byte
+	bucketWrites []bucketWrite
+	vecBuf       []store.Vector
+	evictBuf     []int64
 }
 
-// entity is a cached entity state with its resolved segments (one per
-// breakdown).
-type entity struct {
-	partition int
-	id        []byte
-	st        store.Entity
-	segs      []*segment
-	dirty     bool
+// bucketWrite is a pending bucket of a segment, to write.
+type bucketWrite struct {
+	b int64
+	s *segment
+	v store.Vector
+}
+
+// combo is a combination of dimension values (dictionary ids) and the
+// segment of each breakdown it belongs to.
+type combo struct {
+	dims []uint32
+	segs []*segment
 }
 
 // partition is the processing position and the counters of one partition.
@@ -181,13 +235,14 @@ func New(cfg Config, st *store.Store, o Options) (*Processor, error) {
 		retentionMs:   D(cfg.Time.Retention).Milliseconds(),
 		maxFutureMs:   D(cfg.Time.MaxFuture).Milliseconds(),
 		ttlMs:         D(cfg.Time.EntityTTL).Milliseconds(),
-		entities:      map[string]*entity{},
+		comboIndex:    map[string]uint32{},
 		dict:          newDictionary(cfg.Segments.Dimensions, cfg.Segments.MaxValues),
 		segments:      map[store.Segment]*segment{},
 		parts:         map[store.TopicPartition]*partition{},
 		overflow:      make([]int64, len(cfg.Segments.Dimensions)),
 		deletedBefore: -1 << 62,
 	}
+	p.entities = newEntityTable(len(cfg.Funnel.Stages))
 	p.overflowDelta = make([]int64, len(p.overflow))
 	p.positions = make([]position, len(p.layout.ranges))
 	for _, b := range cfg.Segments.Breakdowns {
@@ -204,6 +259,10 @@ func New(cfg Config, st *store.Store, o Options) (*Processor, error) {
 		p.hist = append(p.hist, make([]int64, len(ttcBounds)+2))
 		p.histDelta = append(p.histDelta, make([]int64, len(ttcBounds)+2))
 	}
+	p.vecs.vecLen, p.vecsFlushing.vecLen = p.layout.vecLen, p.layout.vecLen
+	p.pendingLimit = max(1024, pendingBytes/int64(8*p.layout.vecLen))
+	p.flushNow = make(chan struct{}, 1)
+	p.evalRanges, p.evalTaps = p.layout.evalTaps()
 	if err := p.load(); err != nil {
 		return nil, fmt.Errorf("load state: %w", err)
 	}
@@ -307,7 +366,9 @@ func (p *Processor) load() error {
 			}
 		}
 	}
+	p.storedEntities = p.entityCount
 	now := p.clockNow()
+	p.evalHistoryStart, p.evalHasHistory = p.historyStart, p.hasHistory
 	if err := p.loadRanges(now); err != nil {
 		return err
 	}
@@ -321,13 +382,11 @@ func (p *Processor) load() error {
 // rebuildFilter sizes the entity filter for twice the entities there are
 // and fills it from the store and the cache.
 func (p *Processor) rebuildFilter() error {
-	f := newEntityFilter(2 * max(int(p.entityCount), len(p.entities)))
+	f := newEntityFilter(2 * max(int(p.entityCount), p.entities.live))
 	if err := p.st.EntityKeys(func(key []byte) { f.add(xxhash.Sum64(key[1:])) }); err != nil {
 		return err
 	}
-	for k := range p.entities {
-		f.add(xxhash.Sum64String(k))
-	}
+	p.entities.each(func(_ uint32, r *entityRec) { f.add(xxhash.Sum64(p.entities.key(r))) })
 	p.known = f
 	return nil
 }
@@ -412,9 +471,13 @@ func (p *Processor) CaughtUp() bool {
 	return true
 }
 
-// Stalled reports whether the last flush failed; readers wait while it is
-// set, so that no more state piles up in memory than one flush could write.
-func (p *Processor) Stalled() bool { return p.stalled.Load() }
+// Stalled reports whether the last flush failed or the store's disk is
+// below its reserve, so that the next flush will; readers wait while it
+// is set, so that no more state piles up in memory than one flush could
+// write. Checking the disk too stops them within a batch of the disk
+// filling up rather than a flush interval later, which at full speed is
+// tens of thousands of records applied that cannot be stored.
+func (p *Processor) Stalled() bool { return p.stalled.Load() || p.st.LowOnSpace() }
 
 // Batch is a run of consecutive records of one partition, decoded. Build it
 // with Add and hand it to ApplyBatch; Reset makes it reusable.
@@ -451,7 +514,7 @@ func (b *Batch) Add(d *Decoder, topicStage int, m *kafka.Message) {
 	r.Offset, r.Time = m.Offset, m.Time
 	// Kept for every record, not only those the decoder rejects: applying
 	// can still find one invalid (future_time), and its dead letter needs
-	// the record. They reference memory the message owns anyway.
+	// the record. They are references to memory the message owns anyway.
 	r.Key, r.Value = m.Key, m.Value
 	r.Reason = d.Decode(m.Value, topicStage, m.Time, &r.Event)
 	if r.Reason != Applied {
@@ -483,14 +546,18 @@ func (b *Batch) Add(d *Decoder, topicStage int, m *kafka.Message) {
 // below the partition's next offset were applied before and are skipped, so
 // a redelivered batch changes nothing.
 func (p *Processor) ApplyBatch(b *Batch) {
+	if p.pendingVecs.Load() >= 2*p.pendingLimit {
+		// Flushes do not keep up: write before taking more, so that the
+		// deltas held in memory stay bounded. An error stalls the
+		// processor, which the consumer waits on.
+		_ = p.flush(context.Background(), false, 2*p.pendingLimit)
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	part := p.partition(b.Topic, b.Partition)
 	if b.HighWaterMark > part.hwm {
 		part.hwm = b.HighWaterMark
 	}
-	topicStage := p.topicStage[b.Topic]
-	_ = topicStage
 	wall := int64(0)
 	if !p.eventClock {
 		wall = p.now().UnixMilli()
@@ -549,18 +616,20 @@ func (p *Processor) apply(partition int, ev *Event, now int64) Reason {
 	if now != 0 && b < floorDiv(now-p.retentionMs, p.bucketMs) {
 		return Late
 	}
-	e := p.entity(partition, ev.Entity)
-	if e == nil {
+	idx, ok := p.entity(partition, ev.Entity)
+	if !ok {
 		return ReasonBadEntity // unreadable stored state; counted, not fatal
 	}
-	if len(e.st.Reached) > 0 && ev.Time-e.st.LastSeen > p.ttlMs {
+	t := p.entities
+	e := t.rec(idx)
+	if e.flags&recState != 0 && ev.Time-e.lastSeen > p.ttlMs {
 		// Expired: the entity starts afresh (SPEC §3). Expiry is measured
 		// in event time, so a late event of an active entity continues it
 		// whatever the wall clock says.
-		e.st.Dims, e.st.Reached, e.st.Seen = e.st.Dims[:0], e.st.Reached[:0], e.st.Seen[:0]
-		e.segs = nil
+		e.flags &^= recState
+		t.clearSeen(e)
 	}
-	if ev.HasID && slices.Contains(e.st.Seen, ev.ID) {
+	if ev.HasID && slices.Contains(t.seen(e), ev.ID) {
 		return Duplicate
 	}
 
@@ -572,50 +641,54 @@ func (p *Processor) apply(partition int, ev *Event, now int64) Reason {
 		p.historyStart, p.hasHistory = b, true
 	}
 	p.lastEvent = max(p.lastEvent, ev.Time)
-	if len(e.st.Reached) == 0 {
-		p.firstTouch(e, ev)
+	if e.flags&recState == 0 {
+		p.firstTouch(idx, e, ev)
 	}
-	if !e.dirty {
-		e.dirty = true
-		p.dirty = append(p.dirty, e)
+	if e.flags&recDirty == 0 {
+		e.flags |= recDirty
+		p.dirty = append(p.dirty, idx)
 	}
-	e.st.LastSeen = max(e.st.LastSeen, ev.Time)
+	e.lastSeen = max(e.lastSeen, ev.Time)
 	if ev.HasID {
-		if len(e.st.Seen) >= maxSeenIDs {
-			copy(e.st.Seen, e.st.Seen[1:])
-			e.st.Seen = e.st.Seen[:maxSeenIDs-1]
-		}
-		e.st.Seen = append(e.st.Seen, ev.ID)
+		t.addSeen(e, ev.ID)
 	}
 
 	l := p.layout
 	s := ev.Stage
-	for _, seg := range e.segs {
+	segs := p.combos[e.combo].segs
+	ie, iv := l.events(s), l.value(s)
+	vs := p.vecBuf[:0] // the event's bucket of each segment
+	for _, seg := range segs {
 		v := seg.vec(p, b)
-		v[l.events(s)]++
-		v[l.value(s)] += ev.Value
+		v[ie]++
+		v[iv] += ev.Value
 		seg.totalsDelta[s]++
+		vs = append(vs, v)
 	}
-	if e.st.Reached[s] != store.NotReached {
+	p.vecBuf = vs
+	reached := t.reachedOf(idx)
+	if reached[s] != store.NotReached {
 		return Applied
 	}
-	e.st.Reached[s] = ev.Time
-	for _, seg := range e.segs {
-		seg.vec(p, b)[l.entities(s)]++
+	reached[s] = ev.Time
+	in := l.entities(s)
+	for _, v := range vs {
+		v[in]++
 	}
-	for t := range l.steps {
-		st := &l.steps[t]
+	for st := range l.steps {
+		sl := &l.steps[st]
 		switch s {
-		case st.from:
-			for _, seg := range e.segs {
-				seg.vec(p, b)[l.entered(t)]++
+		case sl.from:
+			ie := l.entered(st)
+			for _, v := range vs {
+				v[ie]++
 			}
-			if tb := e.st.Reached[st.to]; tb != store.NotReached {
-				p.convert(e, t, ev.Time, tb, now)
+			if tb := reached[sl.to]; tb != store.NotReached {
+				p.convert(segs, st, ev.Time, tb, now)
 			}
-		case st.to:
-			if ta := e.st.Reached[st.from]; ta != store.NotReached {
-				p.convert(e, t, ta, ev.Time, now)
+		case sl.to:
+			if ta := reached[sl.from]; ta != store.NotReached {
+				p.convert(segs, st, ta, ev.Time, now)
 			}
 		}
 	}
@@ -629,7 +702,7 @@ const maxSeenIDs = 16
 
 // convert credits a conversion of step t to the entry bucket of ta when tb
 // is within the horizon.
-func (p *Processor) convert(e *entity, t int, ta, tb, now int64) {
+func (p *Processor) convert(segs []*segment, t int, ta, tb, now int64) {
 	st := &p.layout.steps[t]
 	if tb < ta || tb > ta+st.horizon {
 		return
@@ -638,8 +711,11 @@ func (p *Processor) convert(e *entity, t int, ta, tb, now int64) {
 	if now != 0 && b < floorDiv(now-p.retentionMs, p.bucketMs) {
 		return // the entry bucket is past retention
 	}
-	for _, seg := range e.segs {
-		seg.vec(p, b)[p.layout.converted(t)]++
+	ic := p.layout.converted(t)
+	for _, seg := range segs {
+		// The entry bucket is usually an old one: leave the segment's
+		// cached bucket on the current one.
+		seg.lookup(p, b, false)[ic]++
 	}
 	secs := float64(tb-ta) / 1000
 	i, _ := slices.BinarySearch(ttcBounds, secs)
@@ -648,8 +724,8 @@ func (p *Processor) convert(e *entity, t int, ta, tb, now int64) {
 }
 
 // firstTouch freezes the entity's segment from its first accepted event.
-func (p *Processor) firstTouch(e *entity, ev *Event) {
-	e.st.Dims = e.st.Dims[:0]
+func (p *Processor) firstTouch(idx uint32, e *entityRec, ev *Event) {
+	dims := p.dimBuf[:0]
 	for i := range p.cfg.Segments.Dimensions {
 		var raw []byte
 		if i < len(ev.Dims) {
@@ -659,63 +735,87 @@ func (p *Processor) firstTouch(e *entity, ev *Event) {
 		if overflow {
 			p.overflowDelta[i]++
 		}
-		e.st.Dims = append(e.st.Dims, id)
+		dims = append(dims, id)
 	}
-	e.st.Reached = e.st.Reached[:0]
-	for range p.cfg.Funnel.Stages {
-		e.st.Reached = append(e.st.Reached, store.NotReached)
+	p.dimBuf = dims
+	e.combo = p.comboFor(dims)
+	reached := p.entities.reachedOf(idx)
+	for i := range reached {
+		reached[i] = store.NotReached
 	}
-	p.resolveSegments(e)
+	e.flags |= recState
 }
 
-func (p *Processor) resolveSegments(e *entity) {
-	e.segs = e.segs[:0]
+// comboFor returns the index of the combination of dimension values dims,
+// resolving its segments the first time.
+func (p *Processor) comboFor(dims []uint32) uint32 {
+	k := p.comboKey[:0]
+	for _, d := range dims {
+		k = binary.BigEndian.AppendUint32(k, d)
+	}
+	p.comboKey = k
+	if c, ok := p.comboIndex[string(k)]; ok {
+		return c
+	}
+	c := combo{dims: slices.Clone(dims)}
+	// Segments are created under sumsMu: a flush reads them without mu.
+	p.sumsMu.Lock()
+	defer p.sumsMu.Unlock()
 	var key []byte
-	for bd, dims := range p.breakdownDims {
+	for bd, bdims := range p.breakdownDims {
 		key = append(key[:0], byte(bd))
-		for _, d := range dims {
+		for _, d := range bdims {
 			id := idUnknown
-			if d < len(e.st.Dims) {
-				id = e.st.Dims[d]
+			if d < len(dims) {
+				id = dims[d]
 			}
 			key = binary.BigEndian.AppendUint32(key, id)
 		}
-		e.segs = append(e.segs, p.segmentFor(key))
+		c.segs = append(c.segs, p.segmentFor(key))
 	}
+	i := uint32(len(p.combos))
+	p.combos = append(p.combos, c)
+	p.comboIndex[string(k)] = i
+	return i
 }
 
-// entity returns the cached or stored state of an entity, or a new one.
-func (p *Processor) entity(partition int, id []byte) *entity {
+// entity returns the record of the cached or stored state of an entity,
+// or of a new one; ok is false when the stored state cannot be read.
+func (p *Processor) entity(partition int, id []byte) (idx uint32, ok bool) {
 	p.keyBuf = binary.BigEndian.AppendUint32(p.keyBuf[:0], uint32(partition))
 	p.keyBuf = append(p.keyBuf, id...)
-	if e, ok := p.entities[string(p.keyBuf)]; ok {
-		return e
-	}
-	e := &entity{partition: partition, id: slices.Clone(id)}
 	h := xxhash.Sum64(p.keyBuf)
+	t := p.entities
+	if idx, ok := t.find(p.keyBuf, h); ok {
+		return idx, true
+	}
 	found := false
 	if p.known.mayContain(h) {
 		var err error
-		p.keyBuf, found, err = p.st.Entity(p.keyBuf, partition, id, &e.st)
+		p.getBuf, found, err = p.st.Entity(p.getBuf, partition, id, &p.loaded)
 		if err != nil {
 			p.logger.Error("reading entity state", "entity", string(id), "err", err)
-			return nil
+			return 0, false
 		}
 	}
-	if found {
-		if len(e.st.Reached) != len(p.cfg.Funnel.Stages) || len(e.st.Dims) != len(p.cfg.Segments.Dimensions) {
-			// Stored under another funnel or dimension list: start afresh.
-			e.st = store.Entity{}
-		} else {
-			p.resolveSegments(e)
-		}
-	} else {
+	idx = t.insert(p.keyBuf, h)
+	if !found {
 		p.entityCount++
 		p.known.add(h)
+		return idx, true
 	}
-	key := binary.BigEndian.AppendUint32(nil, uint32(partition))
-	p.entities[string(append(key, id...))] = e
-	return e
+	st := &p.loaded
+	if len(st.Reached) != len(p.cfg.Funnel.Stages) || len(st.Dims) != len(p.cfg.Segments.Dimensions) {
+		// Stored under another funnel or dimension list: start afresh.
+		return idx, true
+	}
+	e := t.rec(idx)
+	e.lastSeen = st.LastSeen
+	e.combo = p.comboFor(st.Dims)
+	copy(t.reachedOf(idx), st.Reached)
+	t.setSeen(e, st.Seen)
+	e.flags |= recState
+	return idx, true
 }
 
 // Flush writes everything applied since the last flush in one store batch,
@@ -723,10 +823,24 @@ func (p *Processor) entity(partition int, id []byte) *entity {
 // When it fails nothing was written; the state stays in memory for the next
 // attempt and Stalled reports true until one succeeds.
 func (p *Processor) Flush(ctx context.Context) error {
+	return p.flush(ctx, true, 0)
+}
+
+// flush is Flush; sweep says whether to check a chunk of stored entities
+// for expiry, which early flushes (pending deltas at their bound) skip.
+// With minPending > 0 it is an early flush, done only when at least that
+// many pending vectors are still there once it is this flush's turn: the
+// readers that found the bound reached at the same time wait for one flush
+// instead of each running its own.
+func (p *Processor) flush(ctx context.Context, sweep bool, minPending int64) error {
 	start := time.Now()
-	p.mu.Lock()
-	err := p.flush(ctx)
-	p.mu.Unlock()
+	p.flushMu.Lock()
+	if minPending > 0 && p.pendingVecs.Load() < minPending {
+		p.flushMu.Unlock()
+		return nil
+	}
+	err := p.flushLocked(ctx, sweep)
+	p.flushMu.Unlock()
 	p.stalled.Store(err != nil)
 	p.metrics.flushDuration.Observe(time.Since(start).Seconds())
 	if err != nil {
@@ -735,33 +849,193 @@ func (p *Processor) Flush(ctx context.Context) error {
 	return err
 }
 
-func (p *Processor) flush(ctx context.Context) error {
-	now := p.clockNow()
-	if len(p.deadLetters) > 0 {
-		if err := p.dlq.WriteMessages(ctx, p.deadLetters...); err != nil {
-			return fmt.Errorf("write %d records to the dead-letter topic: %w", len(p.deadLetters), err)
-		}
-		p.deadLetters = p.deadLetters[:0]
+// inflight is what a flush took out of the live state to write it: the
+// records applied meanwhile go to the live state, and a failed commit puts
+// it back.
+type inflight struct {
+	now          int64
+	segments     []*segment // with their flushing deltas
+	dirty        []uint32
+	fresh        []freshValue
+	overflow     []int64
+	hist         [][]int64
+	histBuf      [][]int64
+	parts        []flushedPart
+	deadLetters  []kafka.Message
+	statusDirty  []*segment
+	cutoff       int64
+	deleting     bool
+	historyStart int64
+	hasHistory   bool
+	entities     int64
+}
+
+type flushedPart struct {
+	part   *partition
+	next   int64
+	counts partCounts
+}
+
+// flush writes and commits the state in three phases, so that records keep
+// being applied while the store syncs and the windows move: prepare takes
+// the deltas out of the live state under the processor's mutex, the commit
+// and the window moves run without it, and the bookkeeping that follows a
+// commit takes it again.
+func (p *Processor) flushLocked(ctx context.Context, sweep bool) error {
+	p.mu.Lock()
+	f, batch := p.prepare()
+	p.mu.Unlock()
+	fail := func(err error) error {
+		batch.Close()
+		p.mu.Lock()
+		p.restore(f)
+		p.mu.Unlock()
+		return err
 	}
+	if len(f.deadLetters) > 0 {
+		if err := p.dlq.WriteMessages(ctx, f.deadLetters...); err != nil {
+			return fail(fmt.Errorf("write %d records to the dead-letter topic: %w", len(f.deadLetters), err))
+		}
+	}
+	if err := batch.Commit(); err != nil {
+		return fail(err)
+	}
+
+	// Committed.
+	p.mu.Lock()
+	for _, fp := range f.parts {
+		fp.part.stored, fp.part.flushed = fp.next, fp.counts
+	}
+	for i, d := range f.overflow {
+		p.overflow[i] += d
+		p.overflowDelta[i] -= d
+	}
+	for t, h := range f.hist {
+		for i, x := range h {
+			p.hist[t][i] += x
+			p.histDelta[t][i] -= x
+		}
+	}
+	if f.deleting {
+		p.deletedBefore = f.cutoff
+	}
+	p.storedEntities = f.entities
+	p.flushDirty = f.dirty[:0]
+	p.spareDeadLetters = f.deadLetters[:0]
+	p.mu.Unlock()
+
+	// Fold the deltas into the running sums, move the windows and evaluate;
+	// the collector waits for it, ApplyBatch does not.
+	p.sumsMu.Lock()
+	for _, s := range f.statusDirty {
+		s.statusDirty = false
+	}
+	p.statusDirty = p.statusDirty[:0]
+	for _, s := range f.segments {
+		for b, v := range s.flushing {
+			p.addToRanges(s, b, v, +1)
+		}
+		s.clearFlushing()
+		for i, d := range s.totalsFlushing {
+			s.totals[i] += d
+			s.totalsFlushing[i] = 0
+		}
+	}
+	p.flushSegments = f.segments[:0]
+	p.vecsFlushing.reset()
+	p.vecsFlushing.trim(p.pendingLimit)
+	p.evalHistoryStart, p.evalHasHistory = f.historyStart, f.hasHistory
+	err := p.advanceAndEvaluate(f.now)
+	p.sumsMu.Unlock()
+	if err != nil {
+		return err
+	}
+
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if sweep {
+		if err := p.sweep(f.now); err != nil {
+			return err
+		}
+	}
+	p.evict()
+	if p.known.full() {
+		return p.rebuildFilter()
+	}
+	return nil
+}
+
+// prepare builds the batch of a flush and moves what it writes out of the
+// live state. It runs under p.mu.
+func (p *Processor) prepare() (*inflight, *store.Batch) {
+	f := &p.inflight
+	*f = inflight{
+		now: p.clockNow(), segments: p.flushSegments[:0], dirty: p.flushDirty[:0],
+		overflow: f.overflow[:0], hist: f.hist[:0], histBuf: f.histBuf, parts: f.parts[:0], statusDirty: f.statusDirty[:0],
+		fresh:        f.fresh[:0],
+		historyStart: p.historyStart, hasHistory: p.hasHistory, entities: p.entityCount,
+	}
+	f.deadLetters, p.deadLetters = p.deadLetters, p.spareDeadLetters[:0]
+	p.pendingVecs.Store(0)
 	batch := p.st.NewBatch()
+	// Buckets go into the batch in key order: the windows read them back
+	// in that order right after the commit, from the batch's memory.
+	bw := p.bucketWrites[:0]
 	for _, s := range p.dirtySegments {
 		for b, v := range s.pending {
-			batch.AddBucket(b, s.key, v)
+			bw = append(bw, bucketWrite{b, s, v})
 		}
+	}
+	slices.SortFunc(bw, func(x, y bucketWrite) int {
+		if x.b != y.b {
+			return cmp.Compare(x.b, y.b)
+		}
+		return strings.Compare(string(x.s.key), string(y.s.key))
+	})
+	for _, w := range bw {
+		batch.AddBucket(w.b, w.s.key, w.v)
+	}
+	clear(bw)
+	p.bucketWrites = bw[:0]
+	for _, s := range p.dirtySegments {
 		batch.AddTotals(s.key, s.totalsDelta)
+		s.pending, s.flushing = s.flushing, s.pending
+		s.last = nil
+		copy(s.totalsFlushing, s.totalsDelta)
+		clear(s.totalsDelta)
+		f.segments = append(f.segments, s)
 	}
-	for _, e := range p.dirty {
-		batch.SetEntity(e.partition, e.id, &e.st)
+	p.dirtySegments = p.dirtySegments[:0]
+	p.vecs, p.vecsFlushing = p.vecsFlushing, p.vecs
+	for _, idx := range p.dirty {
+		e := p.entities.rec(idx)
+		key := p.entities.key(e)
+		p.entities.view(idx, p.combos[e.combo].dims, &p.view)
+		batch.SetEntity(int(binary.BigEndian.Uint32(key)), key[4:], &p.view)
+		e.flags &^= recDirty
+		f.dirty = append(f.dirty, idx)
 	}
-	for _, f := range p.dict.fresh {
-		batch.SetDictValue(p.dict.dims[f.dim], f.value, f.id)
+	p.dirty = p.dirty[:0]
+	f.fresh = append(f.fresh[:0], p.dict.fresh...)
+	p.dict.fresh = p.dict.fresh[:0]
+	for _, v := range f.fresh {
+		batch.SetDictValue(p.dict.dims[v.dim], v.value, v.id)
 	}
-	for i, d := range p.overflowDelta {
+	// The overflow and histogram deltas stay where the collector sees them
+	// until the commit moves them to the flushed counts.
+	f.overflow = append(f.overflow, p.overflowDelta...)
+	for i, d := range f.overflow {
 		if d != 0 {
 			batch.AddCounter(store.GlobalScope, ctrOverflow, p.cfg.Segments.Dimensions[i], d)
 		}
 	}
 	for t, h := range p.histDelta {
+		if len(f.histBuf) <= t {
+			f.histBuf = append(f.histBuf, make([]int64, len(h)))
+		}
+		hb := f.histBuf[t]
+		copy(hb, h)
+		f.hist = append(f.hist, hb)
 		if slices.ContainsFunc(h, func(x int64) bool { return x != 0 }) {
 			batch.AddHistogram(t, h)
 		}
@@ -771,9 +1045,7 @@ func (p *Processor) flush(ctx context.Context) error {
 			batch.SetOffset(part.tp.Topic, part.tp.Partition, part.next)
 		}
 		writeCounters(batch, part)
-	}
-	for _, s := range p.statusDirty {
-		batch.SetStatus(s.key, s.statusVector())
+		f.parts = append(f.parts, flushedPart{part, part.next, part.counts})
 	}
 	if p.eventClock {
 		batch.SetMeta(metaClock, p.clock)
@@ -783,69 +1055,61 @@ func (p *Processor) flush(ctx context.Context) error {
 	}
 	batch.SetMeta(metaEntities, p.entityCount)
 	batch.SetMeta(metaLastEvent, p.lastEvent)
-	cutoff := floorDiv(now-p.retentionMs, p.bucketMs)
-	deleting := now != 0 && cutoff > p.deletedBefore
-	if deleting {
-		batch.DeleteBucketsBefore(cutoff)
-		batch.SetMeta(metaDeletedBefore, cutoff)
-	}
-	if err := batch.Commit(); err != nil {
-		return err
-	}
 
-	// Committed: fold the deltas into the running sums and forget them.
-	for _, s := range p.dirtySegments {
-		for b, v := range s.pending {
-			p.addToRanges(s, b, v, +1)
-		}
-		clear(s.pending)
-		s.last = nil
-		for i, d := range s.totalsDelta {
-			s.totals[i] += d
-			s.totalsDelta[i] = 0
-		}
-	}
-	p.dirtySegments = p.dirtySegments[:0]
-	for _, e := range p.dirty {
-		e.dirty = false
-	}
-	clear(p.dirty)
-	p.dirty = p.dirty[:0]
-	p.dict.fresh = p.dict.fresh[:0]
-	for i, d := range p.overflowDelta {
-		p.overflow[i] += d
-		p.overflowDelta[i] = 0
-	}
-	for t, h := range p.histDelta {
-		for i, x := range h {
-			p.hist[t][i] += x
-			h[i] = 0
-		}
-	}
-	for _, part := range p.parts {
-		part.stored = part.next
-		part.flushed = part.counts
-	}
+	p.sumsMu.Lock()
 	for _, s := range p.statusDirty {
-		s.statusDirty = false
+		batch.SetStatus(s.key, s.statusVector())
+		f.statusDirty = append(f.statusDirty, s)
 	}
-	p.statusDirty = p.statusDirty[:0]
-	if deleting {
-		p.deletedBefore = cutoff
+	f.cutoff = floorDiv(f.now-p.retentionMs, p.bucketMs)
+	// Buckets a window still holds are read back to subtract them when
+	// they leave it, after the commit: delete them at a later flush.
+	for _, pos := range p.positions {
+		f.cutoff = min(f.cutoff, pos.lo)
 	}
-
-	if err := p.advanceAndEvaluate(now); err != nil {
-		return err
+	p.sumsMu.Unlock()
+	f.deleting = f.now != 0 && f.cutoff > p.deletedBefore
+	if f.deleting {
+		batch.DeleteBucketsBefore(f.cutoff)
+		batch.SetMeta(metaDeletedBefore, f.cutoff)
 	}
-	if err := p.sweep(now); err != nil {
-		return err
-	}
-	p.evict()
-	if p.known.full() {
-		return p.rebuildFilter()
-	}
-	return nil
+	return f, batch
 }
+
+// restore puts what a failed flush took out back into the live state, so
+// that the next flush writes it. It runs under p.mu.
+func (p *Processor) restore(f *inflight) {
+	p.deadLetters = append(f.deadLetters, p.deadLetters...)
+	for _, s := range f.segments {
+		for b, v := range s.flushing {
+			dst := s.vec(p, b)
+			for i, x := range v {
+				dst[i] += x
+			}
+		}
+		s.clearFlushing()
+		for i, d := range s.totalsFlushing {
+			s.totalsDelta[i] += d
+			s.totalsFlushing[i] = 0
+		}
+	}
+	p.flushSegments = f.segments[:0]
+	p.vecsFlushing.reset()
+	for _, idx := range f.dirty {
+		if e := p.entities.rec(idx); e.flags&recDirty == 0 {
+			e.flags |= recDirty
+			p.dirty = append(p.dirty, idx)
+		}
+	}
+	p.flushDirty = f.dirty[:0]
+	p.dict.fresh = append(f.fresh, p.dict.fresh...)
+}
+
+// pendingBytes bounds the memory of the bucket deltas between flushes: a
+// catch-up applies records of thousands of buckets between two flushes,
+// each making a vector per segment and bucket. Reaching it makes Run flush
+// early; twice it makes ApplyBatch wait for a flush.
+const pendingBytes = 16 << 20
 
 // maxEvalSteps bounds the bucket boundaries one flush evaluates one by one;
 // a larger jump of the event clock (a gap in a replay) is taken at once.
@@ -864,7 +1128,7 @@ func (p *Processor) advanceAndEvaluate(now int64) error {
 		nb := floorDiv(now, p.bucketMs)
 		from := p.evalBucket + 1
 		if !p.evaluated {
-			from = p.historyStart
+			from = p.evalHistoryStart
 		}
 		if nb-from > maxEvalSteps {
 			from = nb
@@ -914,8 +1178,14 @@ func (p *Processor) sweep(now int64) error {
 	var dead [][]byte
 	next, err := p.st.Entities(p.sweepAfter, sweepChunk, func(key []byte, partition int, id []byte, e *store.Entity) bool {
 		last := e.LastSeen
-		if c, ok := p.entities[string(key[1:])]; ok {
-			last = c.st.LastSeen
+		if idx, ok := p.entities.find(key[1:], xxhash.Sum64(key[1:])); ok {
+			r := p.entities.rec(idx)
+			if r.flags&recDirty != 0 {
+				// Applied since the last flush's prepare: its state is
+				// not in the store yet, the next flush writes it.
+				return true
+			}
+			last = r.lastSeen
 		}
 		if now-last > p.ttlMs {
 			dead = append(dead, slices.Clone(key))
@@ -934,31 +1204,64 @@ func (p *Processor) sweep(now int64) error {
 		partition := int(binary.BigEndian.Uint32(k[1:5]))
 		batch.DeleteEntity(partition, k[5:])
 	}
-	batch.SetMeta(metaEntities, p.entityCount-int64(len(dead)))
+	// Entities created since the flush's prepare are not in the store:
+	// the count stored with this batch is the committed one.
+	batch.SetMeta(metaEntities, p.storedEntities-int64(len(dead)))
 	if err := batch.Commit(); err != nil {
 		return fmt.Errorf("delete expired entities: %w", err)
 	}
 	for _, k := range dead {
-		delete(p.entities, string(k[1:]))
+		h := xxhash.Sum64(k[1:])
+		if idx, ok := p.entities.find(k[1:], h); ok {
+			p.entities.remove(idx, h)
+		}
 	}
 	p.entityCount -= int64(len(dead))
+	p.storedEntities -= int64(len(dead))
 	return nil
 }
 
-// evict drops clean cached entities beyond the configured cache size; the
-// next event of a dropped entity reads it back from the store.
+// evict drops the least recently seen (in event time) entities beyond the
+// configured cache size, down to 90% of it; the next event of a dropped
+// entity reads it back from the store. It runs after a commit, when no
+// entity is dirty.
 func (p *Processor) evict() {
+	t := p.entities
 	limit := p.cfg.Store.EntityCache
-	if len(p.entities) <= limit {
+	if t.live <= limit {
 		return
 	}
-	target := limit * 9 / 10
-	for k := range p.entities {
-		delete(p.entities, k)
-		if len(p.entities) <= target {
+	drop := int64(t.live - limit*9/10)
+	// The lastSeen below which drop entities lie: a histogram of lastSeen
+	// over evictBins bins, then the bin where the count is reached.
+	lo, hi := int64(math.MaxInt64), int64(math.MinInt64)
+	t.each(func(_ uint32, r *entityRec) {
+		lo, hi = min(lo, r.lastSeen), max(hi, r.lastSeen)
+	})
+	const evictBins = 4096
+	width := (hi-lo)/evictBins + 1
+	hist := append(p.evictBuf[:0], make([]int64, evictBins)...)
+	p.evictBuf = hist
+	t.each(func(_ uint32, r *entityRec) { hist[(r.lastSeen-lo)/width]++ })
+	cut, below := int64(0), int64(0)
+	for cut < evictBins-1 && below+hist[cut] < drop {
+		below += hist[cut]
+		cut++
+	}
+	edge := lo + cut*width
+	inBin := drop - below // to drop from the cut bin
+	t.each(func(idx uint32, r *entityRec) {
+		if r.lastSeen >= edge+width || r.flags&recDirty != 0 {
 			return
 		}
-	}
+		if r.lastSeen >= edge {
+			if inBin <= 0 {
+				return
+			}
+			inBin--
+		}
+		t.remove(idx, xxhash.Sum64(t.key(r)))
+	})
 }
 
 // Run flushes every flush interval until ctx is done, then flushes once
@@ -976,6 +1279,12 @@ func (p *Processor) Run(ctx context.Context) error {
 			return nil
 		case <-t.C:
 			if err := p.Flush(ctx); err != nil && !errors.Is(err, context.Canceled) {
+				p.logger.Error("flush failed; consumption paused until it succeeds", "err", err)
+			}
+		case <-p.flushNow:
+			// The pending deltas reached their bound (a catch-up): flush
+			// early, so that memory does not grow with the rate.
+			if err := p.flush(ctx, false, p.pendingLimit); err != nil && !errors.Is(err, context.Canceled) {
 				p.logger.Error("flush failed; consumption paused until it succeeds", "err", err)
 			}
 		}

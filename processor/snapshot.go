@@ -123,10 +123,15 @@ func WindowLabel(d time.Duration) string { return model.Duration(d).String() }
 // first (worst z first), then by breakdown and labels.
 func (p *Processor) Snapshot() *Snapshot {
 	p.mu.Lock()
-	defer p.mu.Unlock()
+	clock := p.clockNow()
+	p.mu.Unlock()
+	// The segments' numbers change only at a flush, under sumsMu: a
+	// snapshot does not hold up ApplyBatch.
+	p.sumsMu.Lock()
+	defer p.sumsMu.Unlock()
 	l := p.layout
 	cfg := &p.cfg
-	snap := &Snapshot{Clock: time.UnixMilli(p.clockNow()).UTC(), Stages: cfg.Funnel.Stages}
+	snap := &Snapshot{Clock: time.UnixMilli(clock).UTC(), Stages: cfg.Funnel.Stages}
 	for _, w := range l.windows {
 		snap.Windows = append(snap.Windows, WindowLabel(w))
 	}

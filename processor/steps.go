@@ -1,102 +1,184 @@
 package processor
 
 import (
+	"errors"
 	"fmt"
+	"slices"
 
 	"github.com/funnelwatch/funnelwatch/store"
 )
 
-// stepChunk is how many bucket boundaries step reads the store for at once:
-// it bounds the memory of the buckets read ahead.
-const stepChunk = 1024
+// On the event clock degradation is evaluated at every bucket boundary the
+// clock crosses, so that a replay gives the same flags whatever the flush
+// timing. A flush during a catch-up crosses thousands of boundaries, and
+// evaluate reads only the ranges of alerting steps and of volume detection
+// (evalRanges): step moves those through every boundary, the others jump
+// to the final position once (advance).
+//
+// The ranges share edges: a range [lo, hi] that moves with the clock is the
+// buckets up to hi minus the buckets up to lo-1, and both hi and lo-1 are
+// "a base position minus k buckets", the base being the bucket of now (flow
+// and volume ranges) or the newest mature cohort bucket of a step. A tap is
+// one such edge. It reads the buckets it passes over with one store cursor
+// per flush, in order, and adds each to the ranges it is the upper edge of
+// and subtracts it from those it is the lower edge of: every stored bucket
+// is read once per edge however far the flush moves, and nothing is held
+// in memory but the cursors.
 
-// edgeBucket is one stored bucket of one segment that enters or leaves a
-// range during a step.
-type edgeBucket struct {
-	b   int64
-	seg *segment
-	v   store.Vector
+// tap is an edge shared by ranges: the buckets up to base(now) - k.
+type tap struct {
+	cohort bool
+	lag    int64 // ms
+	k      int64 // buckets
+	subs   []tapSub
+	pos    int64 // buckets up to pos are in the subscribers' sums
+	cur    *store.BucketCursor
+}
+
+// tapSub is a range a tap adds to (sign +1, its upper edge) or subtracts
+// from (-1, its lower edge).
+type tapSub struct {
+	r    int
+	sign int64
+}
+
+// at is the tap's position at time now (ms).
+func (t *tap) at(now, bucket int64) int64 {
+	return rangeSpec{cohort: t.cohort, lag: t.lag, shift: t.k, width: 1}.hi(now, bucket)
+}
+
+// hi is the upper bound of r at now.
+func (r rangeSpec) hi(now, bucket int64) int64 {
+	_, hi := r.bounds(now, bucket)
+	return hi
+}
+
+// evalTaps returns the ranges evaluate reads and their edges.
+func (l *layout) evalTaps() ([]int, []*tap) {
+	var ranges []int
+	for _, sl := range l.steps {
+		if sl.alerting {
+			ranges = append(ranges, sl.cohort[sl.window])
+			ranges = append(ranges, sl.baseline...)
+		}
+	}
+	ranges = append(ranges, l.volume.current)
+	ranges = append(ranges, l.volume.baseline...)
+	slices.Sort(ranges)
+	ranges = slices.Compact(ranges)
+	type key struct {
+		cohort bool
+		lag, k int64
+	}
+	index := map[key]*tap{}
+	var taps []*tap
+	sub := func(k key, s tapSub) {
+		t, ok := index[k]
+		if !ok {
+			t = &tap{cohort: k.cohort, lag: k.lag, k: k.k}
+			index[k] = t
+			taps = append(taps, t)
+		}
+		t.subs = append(t.subs, s)
+	}
+	for _, r := range ranges {
+		spec := l.ranges[r]
+		lag := int64(0)
+		if spec.cohort {
+			lag = spec.lag
+		}
+		sub(key{spec.cohort, lag, spec.shift}, tapSub{r, +1})
+		sub(key{spec.cohort, lag, spec.shift + spec.width}, tapSub{r, -1})
+	}
+	return ranges, taps
 }
 
 // step moves the ranges from their current positions through every bucket
 // boundary from `from` to `to` (bucket indexes), evaluating degradation at
-// each boundary. Each range edge is read from the store once per chunk of
-// boundaries, so crossing a long gap in a replay costs a few scans, not a
-// few scans per bucket.
+// each boundary. The ranges evaluate does not read are left where they
+// were before the first boundary: the caller moves every range to the
+// clock afterwards.
 func (p *Processor) step(from, to int64) error {
-	// Start from the positions just before the first boundary, so that a
-	// chunk reads only the buckets its boundaries move over.
+	// Start from the positions just before the first boundary, so that the
+	// taps read only the buckets the boundaries move over.
 	if err := p.advance((from - 1) * p.bucketMs); err != nil {
-		return err
+		return fmt.Errorf("advance windows: %w", err)
 	}
-	for c := from; c <= to; c += stepChunk {
-		if err := p.stepThrough(c, min(c+stepChunk-1, to)); err != nil {
-			return err
-		}
+	if from > to {
+		return nil
 	}
-	return nil
-}
-
-func (p *Processor) stepThrough(first, last int64) error {
 	l := p.layout
-	type edge struct {
-		adds, subs []edgeBucket
+	bucket := p.bucketMs
+	var errs []error
+	for _, t := range p.evalTaps {
+		s := t.subs[0]
+		if pos := p.positions[s.r]; s.sign > 0 {
+			t.pos = pos.hi
+		} else {
+			t.pos = pos.lo - 1
+		}
+		t.cur = nil
+		if end := t.at(to*bucket, bucket); end > t.pos {
+			c, err := p.st.NewBucketCursor(t.pos+1, end)
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			t.cur = c
+		}
 	}
-	edges := make([]edge, len(l.ranges))
-	read := func(lo, hi int64) ([]edgeBucket, error) {
-		var out []edgeBucket
-		err := p.st.Buckets(lo, hi, func(b int64, key []byte, v store.Vector) {
-			out = append(out, edgeBucket{b: b, seg: p.segmentFor(key), v: append(store.Vector(nil), v...)})
-		})
-		return out, err
-	}
-	for r, spec := range l.ranges {
-		lo, hi := spec.bounds(last*p.bucketMs, l.bucket)
-		old := p.positions[r]
-		if !p.positioned || lo < old.lo || hi < old.hi {
-			// Not positioned yet, or moving back: take the jump at once.
-			if err := p.advance(last * p.bucketMs); err != nil {
-				return err
-			}
-			p.evaluate()
-			return nil
-		}
-		var err error
-		if hi > old.hi {
-			if edges[r].adds, err = read(old.hi+1, hi); err != nil {
-				return fmt.Errorf("step windows: %w", err)
+	defer func() {
+		for _, t := range p.evalTaps {
+			if t.cur != nil {
+				t.cur.Close()
+				t.cur = nil
 			}
 		}
-		if lo > old.lo {
-			if edges[r].subs, err = read(old.lo, lo-1); err != nil {
-				return fmt.Errorf("step windows: %w", err)
-			}
-		}
+	}()
+	if len(errs) > 0 {
+		return fmt.Errorf("step windows: %w", errors.Join(errs...))
 	}
 	vl := l.vecLen
-	apply := func(r int, e edgeBucket, sign int64) {
-		sums := e.seg.sums[r*vl : (r+1)*vl]
-		for i, x := range e.v {
-			if i < vl {
-				sums[i] += sign * x
+	for b := from; b <= to; b++ {
+		now := b * bucket
+		for _, t := range p.evalTaps {
+			c := t.cur
+			if c == nil {
+				continue
+			}
+			target := t.at(now, bucket)
+			for c.Valid() && c.Bucket() <= target {
+				seg := p.segmentFor(c.Segment())
+				v := c.Vector()
+				for _, s := range t.subs {
+					sums := seg.sums[s.r*vl : (s.r+1)*vl]
+					for i, x := range v {
+						if i < vl {
+							sums[i] += s.sign * x
+						}
+					}
+				}
+				c.Next()
+			}
+			t.pos = target
+		}
+		for _, r := range p.evalRanges {
+			lo, hi := l.ranges[r].bounds(now, bucket)
+			p.positions[r] = position{lo, hi}
+		}
+		p.evaluate()
+	}
+	for _, t := range p.evalTaps {
+		if t.cur != nil {
+			err := t.cur.Close()
+			t.cur = nil
+			if err != nil {
+				errs = append(errs, err)
 			}
 		}
 	}
-	for b := first; b <= last; b++ {
-		for r, spec := range l.ranges {
-			lo, hi := spec.bounds(b*p.bucketMs, l.bucket)
-			e := &edges[r]
-			for len(e.adds) > 0 && e.adds[0].b <= hi {
-				apply(r, e.adds[0], +1)
-				e.adds = e.adds[1:]
-			}
-			for len(e.subs) > 0 && e.subs[0].b < lo {
-				apply(r, e.subs[0], -1)
-				e.subs = e.subs[1:]
-			}
-			p.positions[r] = position{max(lo, p.positions[r].lo), max(hi, p.positions[r].hi)}
-		}
-		p.evaluate()
+	if len(errs) > 0 {
+		return fmt.Errorf("step windows: %w", errors.Join(errs...))
 	}
 	return nil
 }

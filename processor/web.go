@@ -142,8 +142,8 @@ func segmentID(key string) string { return hex.EncodeToString([]byte(key)) }
 // the store and sums them per hour.
 func (p *Processor) Trends(hours int) (*Trend, error) {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	now := p.clockNow()
+	p.mu.Unlock()
 	hourMs := time.Hour.Milliseconds()
 	end := floorDiv(now, hourMs) + 1 // exclusive, in hours
 	start := end - int64(hours)

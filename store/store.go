@@ -13,7 +13,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	iofs "io/fs"
 	"log/slog"
 	"math"
@@ -133,6 +132,10 @@ func (s *Store) checkSpace(n int) error {
 	}
 }
 
+// LowOnSpace reports whether less than the reserve is free on the store's
+// disk: the next commit would fail with ErrNoSpace.
+func (s *Store) LowOnSpace() bool { return errors.Is(s.checkSpace(0), ErrNoSpace) }
+
 // Close flushes nothing (every Batch is committed synchronously) and
 // releases the database.
 func (s *Store) Close() error {
@@ -198,9 +201,11 @@ func (b *Batch) SetDictValue(dim, value string, id uint32) {
 
 // SetEntity stores the state of an entity.
 func (b *Batch) SetEntity(partition int, entity []byte, e *Entity) {
-	k := AppendEntityKey(nil, partition, entity)
-	b.buf = AppendEntity(b.buf[:0], e)
-	_ = b.b.Set(k, b.buf, nil)
+	// Key and value share the scratch buffer: Set copies both.
+	b.buf = AppendEntityKey(b.buf[:0], partition, entity)
+	k := len(b.buf)
+	b.buf = AppendEntity(b.buf, e)
+	_ = b.b.Set(b.buf[:k], b.buf[k:], nil)
 }
 
 // DeleteEntity removes the state of an entity.
@@ -210,7 +215,11 @@ func (b *Batch) DeleteEntity(partition int, entity []byte) {
 
 // AddBucket adds v to the counters of a segment's bucket.
 func (b *Batch) AddBucket(bucket int64, seg Segment, v Vector) {
-	_ = b.b.Merge(bucketKey(bucket, seg), b.vec(v), nil)
+	b.buf = appendI64(append(b.buf[:0], prefixBucket), bucket)
+	b.buf = append(b.buf, seg...)
+	k := len(b.buf)
+	b.buf = AppendVector(b.buf, v)
+	_ = b.b.Merge(b.buf[:k], b.buf[k:], nil)
 }
 
 // DeleteBucketsBefore deletes every bucket older than the given one, of
@@ -498,36 +507,6 @@ func (s *Store) scan(prefix []byte, fn func(k, v []byte) error) error {
 		return fmt.Errorf("scan %q: %w", prefix, err)
 	}
 	return nil
-}
-
-// vectorMerger adds Vectors. Addition is associative and commutative, so
-// Pebble may combine operands in any grouping during reads and compactions.
-var vectorMerger = &pebble.Merger{
-	Name: "funnelwatch.vector_add.v1",
-	Merge: func(_, value []byte) (pebble.ValueMerger, error) {
-		m := &vectorAdder{}
-		return m, m.add(value)
-	},
-}
-
-type vectorAdder struct {
-	sum Vector
-	tmp Vector
-}
-
-func (m *vectorAdder) add(value []byte) error {
-	var err error
-	if m.tmp, err = DecodeVector(m.tmp[:0], value); err != nil {
-		return err
-	}
-	m.sum = m.sum.Add(m.tmp)
-	return nil
-}
-
-func (m *vectorAdder) MergeNewer(value []byte) error { return m.add(value) }
-func (m *vectorAdder) MergeOlder(value []byte) error { return m.add(value) }
-func (m *vectorAdder) Finish(bool) ([]byte, io.Closer, error) {
-	return AppendVector(nil, m.sum), nil, nil
 }
 
 // pebbleLogger sends Pebble's messages to slog at debug (info) and error

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -88,6 +89,30 @@ func TestInspect(t *testing.T) {
 	for _, w := range []string{"clock", "entities", "events  0  2000  2000", "source+region", "all"} {
 		if !strings.Contains(strings.Join(strings.Fields(out.String()), "  "), strings.Join(strings.Fields(w), "  ")) {
 			t.Errorf("inspect output does not contain %q:\n%s", w, out.String())
+		}
+	}
+}
+
+// TestBenchCommand runs a tiny `funnelwatch bench` end to end: it must
+// report both sides of the comparison and every figure docs/performance.md
+// quotes.
+func TestBenchCommand(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the binary")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, binary(t), "bench", "--events", "20000", "--runs", "1", "--freshness", "2s", "--dir", t.TempDir())
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("bench: %v\n%s", err, out)
+	}
+	for _, want := range []string{
+		"raw kafka-go consumption", "funnelwatch end to end", "ratio", "cpu seconds", "peak RSS of funnelwatch run",
+		"store size", "/metrics scrape", "client_golang, same series", "restart to correct /metrics", "records to /metrics: p50",
+	} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("output does not contain %q:\n%s", want, out)
 		}
 	}
 }

@@ -1,0 +1,151 @@
+package processor
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/cespare/xxhash/v2"
+	"github.com/cockroachdb/pebble/v2/vfs"
+
+	"github.com/funnelwatch/funnelwatch/store"
+)
+
+// TestEntityTable checks the cache's hash table against a map through
+// inserts and removals, with keys crafted to collide in their slot.
+func TestEntityTable(t *testing.T) {
+	tab := newEntityTable(3)
+	want := map[string]uint32{}
+	rng := rand.New(rand.NewPCG(1, 2))
+	// hash returns h with few distinct low bits, so many keys share a home
+	// slot and runs wrap around the table.
+	hash := func(k string) uint64 { return xxhash.Sum64String(k) & 0xffff_ffff_0000_00ff }
+	for i := range 20_000 {
+		k := fmt.Sprintf("k%d", rng.IntN(5000))
+		if idx, ok := want[k]; ok && i%3 == 0 {
+			tab.remove(idx, hash(k))
+			delete(want, k)
+			continue
+		}
+		idx, ok := tab.find([]byte(k), hash(k))
+		if _, exists := want[k]; exists != ok {
+			t.Fatalf("step %d: find(%q) = %v; want %v", i, k, ok, exists)
+		}
+		if !ok {
+			idx = tab.insert([]byte(k), hash(k))
+			tab.rec(idx).lastSeen = int64(i)
+			want[k] = idx
+		}
+		if got := string(tab.key(tab.rec(idx))); got != k {
+			t.Fatalf("step %d: key of record %d = %q; want %q", i, idx, got, k)
+		}
+	}
+	if tab.live != len(want) {
+		t.Errorf("live = %d; want %d", tab.live, len(want))
+	}
+	for k, idx := range want {
+		if got, ok := tab.find([]byte(k), hash(k)); !ok || got != idx {
+			t.Errorf("find(%q) = %d, %v; want %d", k, got, ok, idx)
+		}
+	}
+	n := 0
+	tab.each(func(uint32, *entityRec) { n++ })
+	if n != len(want) {
+		t.Errorf("each visited %d records; want %d", n, len(want))
+	}
+}
+
+// TestEntitySeen checks that an entity remembers its last maxSeenIDs event
+// ids, oldest first, inline and in a block.
+func TestEntitySeen(t *testing.T) {
+	tab := newEntityTable(3)
+	idx := tab.insert([]byte("x"), 1)
+	r := tab.rec(idx)
+	var want []uint64
+	for id := range uint64(40) {
+		tab.addSeen(r, id)
+		want = append(want, id)
+		if len(want) > maxSeenIDs {
+			want = want[1:]
+		}
+		if got := tab.seen(r); !slices.Equal(got, want) {
+			t.Fatalf("after %d ids: seen = %v; want %v", id+1, got, want)
+		}
+	}
+	tab.clearSeen(r)
+	if got := tab.seen(r); len(got) != 0 {
+		t.Errorf("seen after clearSeen = %v", got)
+	}
+	if len(tab.freeBlocks) != 1 {
+		t.Errorf("%d free blocks; want the one block back", len(tab.freeBlocks))
+	}
+}
+
+// TestWindowSumsMatchStore replays more than the retention with flushes of
+// very different sizes and checks after each flush that the running sums
+// equal what a restart computes from the store: windows moved by many
+// buckets at once, and buckets deleted past retention, must leave no trace.
+func TestWindowSumsMatchStore(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Kafka.Topics = []TopicConfig{{Name: "events"}}
+	cfg.Time.Clock = ClockEvent
+	cfg.Store.EntityCache = 1000
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	st, err := store.Open("", store.Options{FS: vfs.NewMem()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	p, err := New(cfg, st, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(3, 4))
+	sources := [][]byte{[]byte("ads"), []byte("seo"), []byte("mail")}
+	start := time.Date(2026, 1, 5, 0, 0, 0, 0, time.UTC).UnixMilli()
+	span := (80 * 24 * time.Hour).Milliseconds() // beyond the 65-day retention
+	var off int64
+	b := &Batch{Topic: "events"}
+	ctx := context.Background()
+	for tm := start; tm < start+span; {
+		b.Records = b.Records[:0]
+		// Flushes a few minutes to a few days of event time apart.
+		next := tm + 10*60_000 + rng.Int64N(3*24*3600_000)/int64(1+rng.IntN(20))
+		for ; tm < next; tm += rng.Int64N(20 * 60_000) {
+			ent := binary.BigEndian.AppendUint32(nil, rng.Uint32N(3000))
+			// Some events are late: up to 40 days behind.
+			evt := tm
+			if rng.IntN(20) == 0 {
+				evt -= rng.Int64N(40 * 24 * 3600_000)
+			}
+			b.Records = append(b.Records, Record{Offset: off, Event: Event{
+				Stage: rng.IntN(3), Entity: ent, Time: evt, Value: rng.Int64N(5000),
+				Dims: [][]byte{sources[rng.IntN(3)], nil},
+			}})
+			off++
+		}
+		p.ApplyBatch(b)
+		if err := p.Flush(ctx); err != nil {
+			t.Fatal(err)
+		}
+		got := map[string][]int64{}
+		for _, s := range p.segmentList {
+			got[string(s.key)] = slices.Clone(s.sums)
+		}
+		if err := p.loadRanges(p.clockNow()); err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range p.segmentList {
+			if !slices.Equal(got[string(s.key)], s.sums) {
+				t.Fatalf("clock %s: sums of segment %x differ from the store's:\n got %v\nwant %v",
+					time.UnixMilli(p.clock).UTC(), s.key, got[string(s.key)], s.sums)
+			}
+		}
+	}
+}
