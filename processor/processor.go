@@ -138,6 +138,9 @@ type Processor struct {
 	sweepAfter    []byte
 	deadLetters   []kafka.Message
 
+	// scale holds the hooks of the scale-out mode; nil without it.
+	scale *scaleHooks
+
 	// Scratch space of the hot path, reused so that applying an event
 	// allocates nothing.
 	keyBuf       []byte
@@ -881,6 +884,11 @@ func (p *Processor) flushLocked(ctx context.Context, sweep bool) error {
 			return fail(fmt.Errorf("write %d records to the dead-letter topic: %w", len(f.deadLetters), err))
 		}
 	}
+	if p.scale != nil {
+		if err := p.scale.beforeCommit(ctx, batch); err != nil {
+			return fail(err)
+		}
+	}
 	if err := batch.Commit(); err != nil {
 		return fail(err)
 	}
@@ -1055,6 +1063,9 @@ func (p *Processor) prepare() (*inflight, *store.Batch) {
 	if f.deleting {
 		batch.DeleteBucketsBefore(f.cutoff)
 		batch.SetMeta(metaDeletedBefore, f.cutoff)
+	}
+	if p.scale != nil {
+		p.scale.prepare(f, batch)
 	}
 	return f, batch
 }
