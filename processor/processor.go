@@ -924,7 +924,9 @@ func (p *Processor) flushLocked(ctx context.Context, sweep bool) error {
 	p.statusDirty = p.statusDirty[:0]
 	for _, s := range f.segments {
 		for b, v := range s.flushing {
-			p.addToRanges(s, b, v, +1)
+			if p.ownsSegments() {
+				p.addToRanges(s, b, v, +1)
+			}
 		}
 		s.clearFlushing()
 		for i, d := range s.totalsFlushing {
@@ -936,7 +938,10 @@ func (p *Processor) flushLocked(ctx context.Context, sweep bool) error {
 	p.vecsFlushing.reset()
 	p.vecsFlushing.trim(p.pendingLimit)
 	p.evalHistoryStart, p.evalHasHistory = f.historyStart, f.hasHistory
-	err := p.advanceAndEvaluate(f.now)
+	var err error
+	if p.ownsSegments() {
+		err = p.advanceAndEvaluate(f.now)
+	}
 	p.sumsMu.Unlock()
 	if err != nil {
 		return err
@@ -973,6 +978,9 @@ func (p *Processor) prepare() (*inflight, *store.Batch) {
 	// in that order right after the commit, from the batch's memory.
 	bw := p.bucketWrites[:0]
 	for _, s := range p.dirtySegments {
+		if !p.ownsSegments() {
+			break
+		}
 		for b, v := range s.pending {
 			bw = append(bw, bucketWrite{b, s, v})
 		}
@@ -989,7 +997,9 @@ func (p *Processor) prepare() (*inflight, *store.Batch) {
 	clear(bw)
 	p.bucketWrites = bw[:0]
 	for _, s := range p.dirtySegments {
-		batch.AddTotals(s.key, s.totalsDelta)
+		if p.ownsSegments() {
+			batch.AddTotals(s.key, s.totalsDelta)
+		}
 		s.pending, s.flushing = s.flushing, s.pending
 		s.last = nil
 		copy(s.totalsFlushing, s.totalsDelta)

@@ -30,7 +30,14 @@ import (
 type scaleHooks struct {
 	prepare      func(f *inflight, b *store.Batch)
 	beforeCommit func(ctx context.Context, b *store.Batch) error
+	// entitiesOnly is set on stage 1: its segment deltas go to the
+	// markers, not to its own store and windows.
+	entitiesOnly bool
 }
+
+// ownsSegments reports whether the processor stores and windows its
+// segment deltas itself (all but stage 1 of the scale-out mode).
+func (p *Processor) ownsSegments() bool { return p.scale == nil || !p.scale.entitiesOnly }
 
 // ErrFenced is returned by ScaleOut.Run when a marker of this replica was
 // rejected: another replica owns one of its partitions. The local store is
@@ -52,7 +59,8 @@ type marker struct {
 	HasHistory   bool
 	Segments     []markerSegment
 	Hist         [][]int64
-	Entities     []markerEntity
+	// entities are encoded apart (see encodeMarker).
+	entities []markerEntity
 }
 
 // markerPart is the range of an input partition a marker covers: From is
@@ -197,7 +205,7 @@ func NewScaleOut(cfg Config, entityStore, segmentStore *store.Store, o Options) 
 		ownedDesc: prometheus.NewDesc("funnel_scale_out_partitions_owned",
 			"Entity-partitions this replica consumes and exports the segments of.", nil, nil),
 	}
-	p1.scale = &scaleHooks{prepare: s.prepareMarker, beforeCommit: s.sendMarker}
+	p1.scale = &scaleHooks{prepare: s.prepareMarker, beforeCommit: s.sendMarker, entitiesOnly: true}
 	p2.scale = &scaleHooks{prepare: s.prepareAccepted, beforeCommit: func(context.Context, *store.Batch) error { return nil }}
 	p2.metrics.keep = s.exported
 	if reg != nil {
@@ -481,20 +489,57 @@ func (s *ScaleOut) readDeltasFrom(ctx context.Context, pos int64) error {
 	}
 }
 
+// A marker record's value is the length of the encoded entity states
+// (uvarint), the entity states (gob), then the rest of the marker (gob):
+// stage 2 skips the states without decoding them, a restore reads only
+// them.
 func encodeMarker(m *marker) ([]byte, error) {
-	var buf bytes.Buffer
-	if err := gob.NewEncoder(&buf).Encode(m); err != nil {
+	var ents bytes.Buffer
+	if len(m.entities) > 0 {
+		if err := gob.NewEncoder(&ents).Encode(m.entities); err != nil {
+			return nil, fmt.Errorf("encode marker entities: %w", err)
+		}
+	}
+	buf := bytes.NewBuffer(binary.AppendUvarint(nil, uint64(ents.Len())))
+	buf.Write(ents.Bytes())
+	if err := gob.NewEncoder(buf).Encode(m); err != nil {
 		return nil, fmt.Errorf("encode marker: %w", err)
 	}
 	return buf.Bytes(), nil
 }
 
+// splitMarker returns the encoded entity states and the rest of a marker
+// record.
+func splitMarker(b []byte) (ents, rest []byte, err error) {
+	n, k := binary.Uvarint(b)
+	if k <= 0 || uint64(len(b)-k) < n {
+		return nil, nil, errors.New("decode marker: bad framing")
+	}
+	return b[k : k+int(n)], b[k+int(n):], nil
+}
+
 func decodeMarker(b []byte) (*marker, error) {
+	_, rest, err := splitMarker(b)
+	if err != nil {
+		return nil, err
+	}
 	m := &marker{}
-	if err := gob.NewDecoder(bytes.NewReader(b)).Decode(m); err != nil {
+	if err := gob.NewDecoder(bytes.NewReader(rest)).Decode(m); err != nil {
 		return nil, fmt.Errorf("decode marker: %w", err)
 	}
 	return m, nil
+}
+
+// decodeEntities decodes the entity states of a marker.
+func decodeEntities(b []byte) ([]markerEntity, error) {
+	var es []markerEntity
+	if len(b) == 0 {
+		return nil, nil
+	}
+	if err := gob.NewDecoder(bytes.NewReader(b)).Decode(&es); err != nil {
+		return nil, fmt.Errorf("decode marker entities: %w", err)
+	}
+	return es, nil
 }
 
 // prepareMarker builds the marker of a stage-1 flush from what the flush
@@ -540,7 +585,7 @@ func (s *ScaleOut) prepareMarker(f *inflight, _ *store.Batch) {
 		for i, id := range dims {
 			me.Dims = append(me.Dims, p.dict.value(i, id))
 		}
-		m.Entities = append(m.Entities, me)
+		m.entities = append(m.entities, me)
 	}
 	s.outgoing = m
 }
@@ -830,7 +875,7 @@ func (s *ScaleOut) assign(ctx context.Context, tps []store.TopicPartition) error
 	p1 := s.entities
 	if len(plans) > 0 {
 		start := time.Now()
-		states, read, err := s.readEntityStates(ctx, plans)
+		states, read, size, err := s.readEntityStates(ctx, plans)
 		if err != nil {
 			return err
 		}
@@ -841,7 +886,7 @@ func (s *ScaleOut) assign(ctx context.Context, tps []store.TopicPartition) error
 		for _, st := range states {
 			n += len(st)
 		}
-		s.logger.Info("restored partitions from the deltas topic", "partitions", len(plans), "entities", n, "records_read", read, "took", time.Since(start).Round(time.Millisecond))
+		s.logger.Info("restored partitions from the deltas topic", "partitions", len(plans), "entities", n, "records_read", read, "bytes_read", size, "took", time.Since(start).Round(time.Millisecond))
 	}
 	p1.mu.Lock()
 	if p1.eventClock {
@@ -854,7 +899,7 @@ func (s *ScaleOut) assign(ctx context.Context, tps []store.TopicPartition) error
 
 // readEntityStates reads the markers the plans need and keeps, per
 // entity-partition and entity, the newest state.
-func (s *ScaleOut) readEntityStates(ctx context.Context, plans []*restorePlan) (map[int]map[string]*markerEntity, int64, error) {
+func (s *ScaleOut) readEntityStates(ctx context.Context, plans []*restorePlan) (states map[int]map[string]*markerEntity, read, size int64, err error) {
 	need := map[int64][]int{} // offset -> entity-partitions
 	lo, hi := int64(math.MaxInt64), int64(-1)
 	for _, pl := range plans {
@@ -863,37 +908,41 @@ func (s *ScaleOut) readEntityStates(ctx context.Context, plans []*restorePlan) (
 			lo, hi = min(lo, off), max(hi, off)
 		}
 	}
-	states := map[int]map[string]*markerEntity{}
+	states = map[int]map[string]*markerEntity{}
 	for _, pl := range plans {
 		states[pl.ep] = map[string]*markerEntity{}
 	}
 	r := s.newDeltasReader()
 	defer r.Close()
 	if err := r.SetOffset(lo); err != nil {
-		return nil, 0, err
+		return nil, 0, 0, err
 	}
-	var read int64
 	for {
 		s.remaining.Store(hi - lo - read + 1)
 		msg, err := r.FetchMessage(ctx)
 		if err != nil {
-			return nil, read, fmt.Errorf("restore from %q: %w", s.topic, err)
+			return nil, read, size, fmt.Errorf("restore from %q: %w", s.topic, err)
 		}
 		read++
+		size += int64(len(msg.Value))
 		if eps, ok := need[msg.Offset]; ok {
-			m, err := decodeMarker(msg.Value)
+			raw, _, err := splitMarker(msg.Value)
 			if err != nil {
-				return nil, read, err
+				return nil, read, size, err
 			}
-			for i := range m.Entities {
-				e := &m.Entities[i]
+			es, err := decodeEntities(raw)
+			if err != nil {
+				return nil, read, size, err
+			}
+			for i := range es {
+				e := &es[i]
 				if slices.Contains(eps, e.Partition) {
 					states[e.Partition][string(e.ID)] = e
 				}
 			}
 		}
 		if msg.Offset >= hi {
-			return states, read, nil
+			return states, read, size, nil
 		}
 	}
 }
