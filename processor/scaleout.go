@@ -479,6 +479,9 @@ func (s *ScaleOut) readDeltasFrom(ctx context.Context, pos int64) error {
 		}
 		s.applyMarker(msg.Offset, m)
 		s.readPos.Store(msg.Offset + 1)
+		if !s.caughtUp.Load() {
+			s.remaining.Store(max(s.startEnd-msg.Offset-1, 0))
+		}
 		if !s.caughtUp.Load() && msg.Offset+1 >= s.startEnd {
 			s.caughtUp.Store(true)
 			s.logger.Info("stage 2 caught up with the deltas topic", "offset", msg.Offset+1)

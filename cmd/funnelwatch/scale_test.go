@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -175,6 +176,61 @@ func TestScaleOutRebalance(t *testing.T) {
 			t.Log(l)
 		}
 	}
+	a.p.terminate(t)
+	b.p.terminate(t)
+}
+
+// TestScaleOutZombie stops a replica (SIGSTOP) while records flow, long
+// enough for the group to give its partitions to the other, then lets it
+// run again: its markers must not count, and the numbers end exact.
+func TestScaleOutZombie(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the binary")
+	}
+	const n = 40_000
+	brokers := startBroker(t, 4)
+	msgs := syntheticEvents(n, 17)
+	logs := &lockedBuffer{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("funnelwatch logs (last 16 KiB):\n%s", logs.tail(16<<10))
+		}
+	})
+	produceMessages(t, brokers, "events", msgs[:n/4])
+	a, b := newReplica(t, brokers, "scaled"), newReplica(t, brokers, "scaled")
+	a.start(t, logs)
+	b.start(t, logs)
+	time.Sleep(3 * time.Second)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := n / 4; i < 3*n/4; i += n / 20 {
+			produceMessages(t, brokers, "events", msgs[i:i+n/20])
+			time.Sleep(100 * time.Millisecond)
+		}
+	}()
+	time.Sleep(300 * time.Millisecond)
+	if err := b.p.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(4 * time.Second) // past the session timeout: a takes over
+	if err := b.p.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	<-done
+	produceMessages(t, brokers, "events", msgs[3*n/4:])
+	fenced := false
+	select {
+	case err := <-b.p.done:
+		b.p.done <- err
+		fenced = true
+		t.Logf("the zombie exited (%v); restarting it", err)
+		b.start(t, logs)
+	case <-time.After(5 * time.Second):
+	}
+	want := singleReplica(t, brokers, n, logs)
+	converge(t, want, a, b)
+	t.Logf("zombie fenced: %v; %d per-segment series equal to one replica's", fenced, len(want))
 	a.p.terminate(t)
 	b.p.terminate(t)
 }
