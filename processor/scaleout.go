@@ -416,13 +416,14 @@ func (s *ScaleOut) deltasEnd(ctx context.Context) (int64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("end offset of %q: %w", s.topic, err)
 	}
-	for _, po := range resp.Topics[s.topic] {
-		if po.Error != nil {
-			return 0, fmt.Errorf("end offset of %q: %w", s.topic, po.Error)
-		}
-		return po.LastOffset, nil
+	parts := resp.Topics[s.topic]
+	if len(parts) == 0 {
+		return 0, fmt.Errorf("end offset of %q: no answer", s.topic)
 	}
-	return 0, fmt.Errorf("end offset of %q: no answer", s.topic)
+	if parts[0].Error != nil {
+		return 0, fmt.Errorf("end offset of %q: %w", s.topic, parts[0].Error)
+	}
+	return parts[0].LastOffset, nil
 }
 
 func (s *ScaleOut) newDeltasReader() *kafka.Reader {
