@@ -31,6 +31,9 @@ type Config struct {
 	FlushInterval Duration       `yaml:"flush_interval"`
 	Web           WebConfig      `yaml:"web"`
 	Log           LogConfig      `yaml:"log"`
+	// ScaleOut makes several replicas compute exact numbers together
+	// (docs/scaling.md); off by default.
+	ScaleOut ScaleOutConfig `yaml:"scale_out"`
 }
 
 // KafkaConfig says where the events come from.
@@ -208,6 +211,7 @@ func DefaultConfig() Config {
 		FlushInterval: Duration(time.Second),
 		Web:           WebConfig{ListenAddress: ":9470"},
 		Log:           LogConfig{Level: "info", Format: "json"},
+		ScaleOut:      ScaleOutConfig{ReplicationFactor: -1},
 	}
 }
 
@@ -586,6 +590,7 @@ func (c *Config) Validate() error {
 	default:
 		bad("log.format", "%q is not json, logfmt or text", c.Log.Format)
 	}
+	errs = append(errs, c.ScaleOut.validate(c)...)
 	return errors.Join(errs...)
 }
 

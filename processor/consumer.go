@@ -26,6 +26,14 @@ type Consumer struct {
 	dialer *kafka.Dialer
 	client *kafka.Client
 	joined atomic.Bool
+
+	// Set by ScaleOut.Attach in the scale-out mode: the group's balancers,
+	// a call that prepares the assigned partitions before they are read,
+	// more readiness, and staying in the group on shutdown.
+	balancers   []kafka.GroupBalancer
+	onAssign    func(ctx context.Context, tps []store.TopicPartition) error
+	ready       func() bool
+	stayInGroup bool
 }
 
 // NewConsumer returns a consumer for the processor p.
@@ -52,7 +60,9 @@ func NewConsumer(cfg Config, p *Processor, logger *slog.Logger) (*Consumer, erro
 
 // Ready reports whether the consumer is in a group generation and has
 // caught up with what its partitions held when they were assigned.
-func (c *Consumer) Ready() bool { return c.joined.Load() && c.p.CaughtUp() }
+func (c *Consumer) Ready() bool {
+	return c.joined.Load() && c.p.CaughtUp() && (c.ready == nil || c.ready())
+}
 
 // Joined reports whether the consumer is in a group generation.
 func (c *Consumer) Joined() bool { return c.joined.Load() }
@@ -74,6 +84,7 @@ func (c *Consumer) Run(ctx context.Context) error {
 		SessionTimeout:        D(c.cfg.Kafka.SessionTimeout),
 		RebalanceTimeout:      D(c.cfg.Kafka.RebalanceTimeout),
 		JoinGroupBackoff:      2 * time.Second,
+		GroupBalancers:        c.balancers,
 		StartOffset:           kafka.FirstOffset,
 		Logger:                kafkaLogger(c.logger, slog.LevelDebug),
 		ErrorLogger:           kafkaLogger(c.logger, slog.LevelWarn),
@@ -81,7 +92,12 @@ func (c *Consumer) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("consumer group: %w", err)
 	}
-	defer cg.Close()
+	if !c.stayInGroup {
+		// In the scale-out mode the member does not leave: its partitions
+		// wait for it for the session timeout, so that a restart keeps
+		// them instead of moving their state twice.
+		defer cg.Close()
+	}
 	backoff := time.Second
 	for {
 		gen, err := cg.Next(ctx)
@@ -129,8 +145,14 @@ func (c *Consumer) runGeneration(ctx context.Context, gen *kafka.Generation) {
 		defer cancel()
 		stop := context.AfterFunc(ctx, cancel)
 		defer stop()
+		read := tps
+		if c.onAssign != nil {
+			if err := c.prepareAssignment(gctx, tps); err != nil {
+				read = nil // the generation ended before the partitions were ready
+			}
+		}
 		g, gctx := errgroup.WithContext(gctx)
-		for _, tp := range tps {
+		for _, tp := range read {
 			g.Go(func() error { return c.readPartition(gctx, tp) })
 		}
 		g.Go(func() error {
@@ -163,6 +185,24 @@ func (c *Consumer) runGeneration(ctx context.Context, gen *kafka.Generation) {
 	})
 	<-done
 	c.p.SetAssignment(nil)
+}
+
+// prepareAssignment calls onAssign until it succeeds or ctx is done.
+func (c *Consumer) prepareAssignment(ctx context.Context, tps []store.TopicPartition) error {
+	backoff := time.Second
+	for {
+		err := c.onAssign(ctx, tps)
+		if err == nil || ctx.Err() != nil {
+			return err
+		}
+		c.logger.Warn("preparing the assigned partitions failed; retrying", "err", err, "backoff", backoff)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 30*time.Second)
+	}
 }
 
 func cmpString(a, b string) int {

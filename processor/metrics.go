@@ -19,6 +19,9 @@ type metrics struct {
 	buildInfo       prometheus.Gauge
 	descs           map[string]*prometheus.Desc // operational, by name
 	seg             []segmentDescs              // per breakdown
+	// keep, when set, selects the segments this process exports (the
+	// scale-out mode exports each segment from one replica).
+	keep func(breakdown string, labels []Label) bool
 }
 
 // segmentDescs are the per-segment descriptors of one breakdown: the same
@@ -201,6 +204,9 @@ func (m *metrics) collectSegments(ch chan<- prometheus.Metric) {
 	}
 	var lv []string
 	for _, s := range snap.Segments {
+		if m.keep != nil && !m.keep(s.Breakdown, s.Labels) {
+			continue
+		}
 		d := &m.seg[bdIndex[s.Breakdown]]
 		base := append(lv[:0], s.Breakdown)
 		for _, l := range s.Labels {
@@ -265,7 +271,7 @@ func (m *metrics) collectSegments(ch chan<- prometheus.Metric) {
 	}
 	// Time to convert is kept for the overall breakdown only: per segment it
 	// would cost 16 series per step and segment.
-	if all, ok := bdIndex["all"]; ok {
+	if all, ok := bdIndex["all"]; ok && (m.keep == nil || m.keep("all", nil)) {
 		for t, sc := range snap.Steps {
 			h := hist[t]
 			buckets := map[float64]uint64{}

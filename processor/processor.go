@@ -142,6 +142,9 @@ type Processor struct {
 	sweepAfter     []byte
 	deadLetters    []kafka.Message
 
+	// scale holds the hooks of the scale-out mode; nil without it.
+	scale *scaleHooks
+
 	// Scratch space of the hot path, reused so that applying an event
 	// allocates nothing.
 	keyBuf       []byte
@@ -897,6 +900,11 @@ func (p *Processor) flushLocked(ctx context.Context, sweep bool) error {
 			return fail(fmt.Errorf("write %d records to the dead-letter topic: %w", len(f.deadLetters), err))
 		}
 	}
+	if p.scale != nil {
+		if err := p.scale.beforeCommit(ctx, batch); err != nil {
+			return fail(err)
+		}
+	}
 	if err := batch.Commit(); err != nil {
 		return fail(err)
 	}
@@ -933,7 +941,9 @@ func (p *Processor) flushLocked(ctx context.Context, sweep bool) error {
 	p.statusDirty = p.statusDirty[:0]
 	for _, s := range f.segments {
 		for b, v := range s.flushing {
-			p.addToRanges(s, b, v, +1)
+			if p.ownsSegments() {
+				p.addToRanges(s, b, v, +1)
+			}
 		}
 		s.clearFlushing()
 		for i, d := range s.totalsFlushing {
@@ -945,7 +955,10 @@ func (p *Processor) flushLocked(ctx context.Context, sweep bool) error {
 	p.vecsFlushing.reset()
 	p.vecsFlushing.trim(p.pendingLimit)
 	p.evalHistoryStart, p.evalHasHistory = f.historyStart, f.hasHistory
-	err := p.advanceAndEvaluate(f.now)
+	var err error
+	if p.ownsSegments() {
+		err = p.advanceAndEvaluate(f.now)
+	}
 	p.sumsMu.Unlock()
 	if err != nil {
 		return err
@@ -982,6 +995,9 @@ func (p *Processor) prepare() (*inflight, *store.Batch) {
 	// in that order right after the commit, from the batch's memory.
 	bw := p.bucketWrites[:0]
 	for _, s := range p.dirtySegments {
+		if !p.ownsSegments() {
+			break
+		}
 		for b, v := range s.pending {
 			bw = append(bw, bucketWrite{b, s, v})
 		}
@@ -998,7 +1014,9 @@ func (p *Processor) prepare() (*inflight, *store.Batch) {
 	clear(bw)
 	p.bucketWrites = bw[:0]
 	for _, s := range p.dirtySegments {
-		batch.AddTotals(s.key, s.totalsDelta)
+		if p.ownsSegments() {
+			batch.AddTotals(s.key, s.totalsDelta)
+		}
 		s.pending, s.flushing = s.flushing, s.pending
 		s.last = nil
 		copy(s.totalsFlushing, s.totalsDelta)
@@ -1072,6 +1090,9 @@ func (p *Processor) prepare() (*inflight, *store.Batch) {
 	if f.deleting {
 		batch.DeleteBucketsBefore(f.cutoff)
 		batch.SetMeta(metaDeletedBefore, f.cutoff)
+	}
+	if p.scale != nil {
+		p.scale.prepare(f, batch)
 	}
 	return f, batch
 }

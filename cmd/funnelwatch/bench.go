@@ -63,6 +63,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		memProfile = fs.String("memprofile", "", "write a heap profile at the end of the last funnelwatch run to this file (implies --in-process)")
 		freshness  = durationFlag(20 * time.Second)
 		dir        = fs.String("dir", "", "directory for the stores (default: a temporary one)")
+		replicas   = fs.Int("replicas", 0, "run this many `funnelwatch run` processes in the scale-out mode (docs/scaling.md) instead of one without it")
 	)
 	fs.Var(&history, "history", "event time the preloaded events span")
 	fs.Var(&freshness, "freshness", "after the runs, produce live traffic at half the measured rate for this long and measure how long records take to show in /metrics (0: skip)")
@@ -116,6 +117,9 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	fmt.Fprintf(stdout, "preloaded in %s: %s of event time\n", time.Since(start).Round(time.Millisecond), model.Duration(simEnd.Sub(histStart).Round(time.Hour)))
 
+	if *replicas > 0 {
+		return benchScaleOut(ctx, stdout, exe, brokers, *dir, *partitions, *events, *runs, *replicas)
+	}
 	var raw, fw []float64
 	var last benchResult
 	for i := 0; i < *runs; i++ {

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"runtime/debug"
 	"strings"
 	"time"
@@ -151,6 +152,9 @@ func serve(ctx context.Context, cfg processor.Config, logger *slog.Logger, l net
 		defer w.Close()
 		opts.DeadLetter = w
 	}
+	if cfg.ScaleOut.Enabled {
+		return serveScaleOut(ctx, cfg, logger, l, st, reg, opts)
+	}
 	start := time.Now()
 	p, err := processor.New(cfg, st, opts)
 	if err != nil {
@@ -173,6 +177,41 @@ func serve(ctx context.Context, cfg processor.Config, logger *slog.Logger, l net
 		return srv.Run(gctx)
 	})
 	logger.Info("funnelwatch running", "version", version, "listen", cfg.Web.ListenAddress, "brokers", cfg.Kafka.Brokers, "group", cfg.Kafka.Group)
+	err = g.Wait()
+	logger.Info("funnelwatch stopped")
+	return err
+}
+
+// serveScaleOut is serve in the scale-out mode (docs/scaling.md): stage 1
+// in the store directory, stage 2 in its "segments" subdirectory.
+func serveScaleOut(ctx context.Context, cfg processor.Config, logger *slog.Logger, l net.Listener, st *store.Store, reg *prometheus.Registry, opts processor.Options) error {
+	segDir := filepath.Join(cfg.Store.Dir, "segments")
+	st2, err := store.Open(segDir, store.Options{Logger: logger})
+	if err != nil {
+		return err
+	}
+	defer st2.Close()
+	start := time.Now()
+	so, err := processor.NewScaleOut(cfg, st, st2, opts)
+	if err != nil {
+		return err
+	}
+	logger.Info("stores loaded", "dir", cfg.Store.Dir, "segments_dir", segDir, "took", time.Since(start).Round(time.Millisecond))
+	c, err := processor.NewConsumer(cfg, so.Entities(), logger)
+	if err != nil {
+		return err
+	}
+	so.Attach(c)
+	srv := processor.NewServer(cfg.Web, so.Segments(), c, reg, logger)
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return so.Run(gctx) })
+	g.Go(func() error {
+		if l != nil {
+			return srv.Serve(gctx, l)
+		}
+		return srv.Run(gctx)
+	})
+	logger.Info("funnelwatch running (scale-out)", "version", version, "listen", cfg.Web.ListenAddress, "brokers", cfg.Kafka.Brokers, "group", cfg.Kafka.Group, "deltas_topic", cfg.ScaleOut.Topic(cfg.Kafka.Group))
 	err = g.Wait()
 	logger.Info("funnelwatch stopped")
 	return err

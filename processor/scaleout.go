@@ -1,0 +1,1060 @@
+package processor
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/gob"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"math/rand/v2"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cespare/xxhash/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/segmentio/kafka-go"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/funnelwatch/funnelwatch/store"
+)
+
+// scaleHooks are the calls a flush makes in the scale-out mode: prepare
+// runs under the processor's mutex when the batch is built, beforeCommit
+// after it, before the batch is committed (a failure fails the flush).
+type scaleHooks struct {
+	prepare      func(f *inflight, b *store.Batch)
+	beforeCommit func(ctx context.Context, b *store.Batch) error
+	// entitiesOnly is set on stage 1: its segment deltas go to the
+	// markers, not to its own store and windows.
+	entitiesOnly bool
+}
+
+// ownsSegments reports whether the processor stores and windows its
+// segment deltas itself (all but stage 1 of the scale-out mode).
+func (p *Processor) ownsSegments() bool { return p.scale == nil || !p.scale.entitiesOnly }
+
+// ErrFenced is returned by ScaleOut.Run when a marker of this replica was
+// rejected: another replica owns one of its partitions. The local store is
+// at an accepted state; a restart resumes from it.
+var ErrFenced = errors.New("a marker of this replica was rejected: another replica took over its partitions; restarting is required")
+
+// deltasMaxBytes bounds a marker; the deltas topic is created with it.
+const deltasMaxBytes = 64 << 20
+
+// marker is what one flush of stage 1 tells every replica: the input it
+// covers, the per-segment deltas it produced (with dimension values, since
+// dictionary ids are local) and the new states of the entities it changed.
+type marker struct {
+	Writer, Seq  uint64
+	Parts        []markerPart
+	Clock        int64
+	LastEvent    int64
+	HistoryStart int64
+	HasHistory   bool
+	Segments     []markerSegment
+	Hist         [][]int64
+	// entities are encoded apart (see encodeMarker).
+	entities []markerEntity
+}
+
+// markerPart is the range of an input partition a marker covers: From is
+// the next offset stored before it (-1: never consumed), To the one after.
+type markerPart struct {
+	Topic     string
+	Partition int
+	From, To  int64
+}
+
+type markerSegment struct {
+	Breakdown int
+	Labels    []string
+	Buckets   []int64
+	Vecs      []int64 // len(Buckets) vectors, flattened
+	Totals    []int64
+}
+
+type markerEntity struct {
+	Partition int
+	ID        []byte
+	LastSeen  int64
+	Reached   []int64
+	Seen      []uint64
+	Dims      []string
+}
+
+type markerKey struct{ writer, seq uint64 }
+
+// decision is stage 2's verdict on a marker and, when accepted, the
+// sequence number it gave each entity-partition the marker covers.
+type decision struct {
+	accepted bool
+	seqs     map[int]int64
+}
+
+type histEntry struct {
+	ep       int
+	seq, off int64
+}
+
+// ScaleOut runs a replica in the scale-out mode (docs/scaling.md): stage 1
+// is a Processor of the entities of the assigned partitions whose flushes
+// become markers on the deltas topic; stage 2 is a Processor of segments fed
+// by every accepted marker of every replica. Build it with NewScaleOut,
+// give it the consumer with Attach, and run it with Run instead of the
+// processors' and the consumer's Run.
+type ScaleOut struct {
+	cfg      Config
+	logger   *slog.Logger
+	topic    string
+	dialer   *kafka.Dialer
+	client   *kafka.Client
+	entities *Processor
+	segments *Processor
+	consumer *Consumer
+	writer   uint64
+	nextSeq  atomic.Uint64
+
+	// outgoing is the marker of the running stage-1 flush (under its
+	// flushMu).
+	outgoing *marker
+	// localSeq is, per entity-partition the stage-1 store holds, the
+	// sequence number of the last accepted marker its state includes.
+	holdMu   sync.Mutex
+	localSeq map[int]int64
+
+	// The acceptance state of stage 2, under segments.mu: the next input
+	// offset of every partition as of the accepted markers, the count of
+	// accepted markers per entity-partition, and the deltas offsets of the
+	// accepted markers not yet committed.
+	applied  map[store.TopicPartition]int64
+	seq      map[int]int64
+	histPend []histEntry
+
+	waitMu  sync.Mutex
+	waiters map[markerKey]chan decision
+
+	initDone  chan struct{}
+	startEnd  int64
+	readPos   atomic.Int64 // next deltas offset stage 2 applied
+	caughtUp  atomic.Bool
+	restoring atomic.Bool
+	remaining atomic.Int64
+	owned     atomic.Pointer[map[int]bool]
+	parts     atomic.Int64
+	fenceOnce sync.Once
+	fenced    chan struct{}
+
+	restoreDesc, ownedDesc *prometheus.Desc
+}
+
+// NewScaleOut builds both stages on their stores: entityStore holds stage
+// 1 (as the single-replica store does), segmentStore stage 2. cfg must be
+// valid. o.Registerer receives stage 1's operational series and stage 2's
+// per-segment series of the segments this replica exports.
+func NewScaleOut(cfg Config, entityStore, segmentStore *store.Store, o Options) (*ScaleOut, error) {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	reg := o.Registerer
+	o.Registerer = nil
+	p1, err := New(cfg, entityStore, o)
+	if err != nil {
+		return nil, fmt.Errorf("stage 1: %w", err)
+	}
+	cfg2 := cfg
+	// Values were admitted by the owner of each entity's partition: stage 2
+	// takes what it receives.
+	cfg2.Segments.MaxValues = math.MaxInt32
+	o2 := o
+	o2.DeadLetter = nil
+	p2, err := New(cfg2, segmentStore, o2)
+	if err != nil {
+		return nil, fmt.Errorf("stage 2: %w", err)
+	}
+	dialer, err := cfg.Kafka.Dialer()
+	if err != nil {
+		return nil, err
+	}
+	transport, err := cfg.Kafka.Transport()
+	if err != nil {
+		return nil, err
+	}
+	s := &ScaleOut{
+		cfg:      cfg,
+		logger:   o.Logger,
+		topic:    cfg.ScaleOut.Topic(cfg.Kafka.Group),
+		dialer:   dialer,
+		client:   &kafka.Client{Addr: kafka.TCP(cfg.Kafka.Brokers...), Transport: transport, Timeout: 30 * time.Second},
+		entities: p1,
+		segments: p2,
+		writer:   rand.Uint64(),
+		localSeq: map[int]int64{},
+		applied:  map[store.TopicPartition]int64{},
+		seq:      map[int]int64{},
+		waiters:  map[markerKey]chan decision{},
+		initDone: make(chan struct{}),
+		fenced:   make(chan struct{}),
+		restoreDesc: prometheus.NewDesc("funnel_restore_remaining_records",
+			"Deltas-topic records left to read to restore the state of newly assigned partitions.", nil, nil),
+		ownedDesc: prometheus.NewDesc("funnel_scale_out_partitions_owned",
+			"Entity-partitions this replica consumes and exports the segments of.", nil, nil),
+	}
+	p1.scale = &scaleHooks{prepare: s.prepareMarker, beforeCommit: s.sendMarker, entitiesOnly: true}
+	p2.scale = &scaleHooks{prepare: s.prepareAccepted, beforeCommit: func(context.Context, *store.Batch) error { return nil }}
+	p2.metrics.keep = s.exported
+	if reg != nil {
+		m1 := p1.metrics
+		for _, c := range []prometheus.Collector{m1.flushDuration, m1.collectDuration, m1.flushErrors, m1.buildInfo, scaleCollector{s}} {
+			if err := reg.Register(c); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return s, nil
+}
+
+// Entities is stage 1, the processor the consumer feeds.
+func (s *ScaleOut) Entities() *Processor { return s.entities }
+
+// Segments is stage 2, the processor whose numbers the page and the API
+// show.
+func (s *ScaleOut) Segments() *Processor { return s.segments }
+
+// Attach makes c consume for this replica: the sticky balancer, a restore
+// of the assigned partitions before each generation reads them, readiness,
+// and staying in the group on shutdown so that a restart keeps the
+// partitions (kafka-go has no static membership).
+func (s *ScaleOut) Attach(c *Consumer) {
+	c.balancers = []kafka.GroupBalancer{StickyBalancer{Holdings: s.Holdings}}
+	c.onAssign = s.assign
+	c.ready = s.Ready
+	c.stayInGroup = true
+	s.consumer = c
+}
+
+// Holdings returns the entity-partitions the stage-1 store holds with the
+// sequence number of their state.
+func (s *ScaleOut) Holdings() map[int]int64 {
+	s.holdMu.Lock()
+	defer s.holdMu.Unlock()
+	out := make(map[int]int64, len(s.localSeq))
+	for p, q := range s.localSeq {
+		out[p] = q
+	}
+	return out
+}
+
+// Ready reports whether stage 2 has caught up with the deltas topic as it
+// was at start and no restore runs.
+func (s *ScaleOut) Ready() bool {
+	select {
+	case <-s.initDone:
+	default:
+		return false
+	}
+	return s.caughtUp.Load() && !s.restoring.Load()
+}
+
+// Run runs both stages and the consumer until ctx is done. Stage 2 keeps
+// reading until stage 1 has made its last flush, so that it can decide the
+// last marker.
+func (s *ScaleOut) Run(ctx context.Context) error {
+	if s.consumer == nil {
+		return errors.New("scale-out: no consumer attached")
+	}
+	if err := s.init(ctx); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+	inner, cancelInner := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelInner()
+	ig, ictx := errgroup.WithContext(inner)
+	ig.Go(func() error { return s.readDeltas(ictx) })
+	ig.Go(func() error { return s.segments.Run(ictx) })
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return s.consumer.Run(gctx) })
+	g.Go(func() error { return s.entities.Run(gctx) })
+	g.Go(func() error {
+		select {
+		case <-gctx.Done():
+			return nil
+		case <-s.fenced:
+			return ErrFenced
+		}
+	})
+	err := g.Wait()
+	cancelInner()
+	return errors.Join(err, ig.Wait())
+}
+
+func (s *ScaleOut) fence() { s.fenceOnce.Do(func() { close(s.fenced) }) }
+
+func appliedMeta(tp store.TopicPartition) string {
+	return "scale_applied/" + tp.Topic + "/" + strconv.Itoa(tp.Partition)
+}
+func seqMeta(ep int) string { return "scale_seq/" + strconv.Itoa(ep) }
+func histMeta(ep int, seq int64) string {
+	return "scale_hist/" + strconv.Itoa(ep) + "/" + strconv.FormatInt(seq, 10)
+}
+
+// init creates the deltas topic when missing, learns the partition count
+// of the input and loads the acceptance state. It retries until it
+// succeeds or ctx is done.
+func (s *ScaleOut) init(ctx context.Context) error {
+	backoff := time.Second
+	for {
+		err := s.tryInit(ctx)
+		if err == nil {
+			return nil
+		}
+		s.logger.Warn("scale-out start failed; retrying", "err", err, "backoff", backoff)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 30*time.Second)
+	}
+}
+
+func (s *ScaleOut) tryInit(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	resp, err := s.client.CreateTopics(ctx, &kafka.CreateTopicsRequest{Topics: []kafka.TopicConfig{{
+		Topic:             s.topic,
+		NumPartitions:     1,
+		ReplicationFactor: s.cfg.ScaleOut.ReplicationFactor,
+		ConfigEntries: []kafka.ConfigEntry{
+			{ConfigName: "retention.ms", ConfigValue: "-1"},
+			{ConfigName: "max.message.bytes", ConfigValue: strconv.Itoa(deltasMaxBytes)},
+		},
+	}}})
+	if err != nil {
+		return fmt.Errorf("create topic %q: %w", s.topic, err)
+	}
+	if err := resp.Errors[s.topic]; err != nil && !errors.Is(err, kafka.TopicAlreadyExists) {
+		return fmt.Errorf("create topic %q: %w", s.topic, err)
+	}
+	first := s.cfg.Kafka.Topics[0].Name
+	md, err := s.client.Metadata(ctx, &kafka.MetadataRequest{Topics: []string{first, s.topic}})
+	if err != nil {
+		return fmt.Errorf("metadata: %w", err)
+	}
+	var parts int
+	for _, t := range md.Topics {
+		if t.Name == first {
+			if t.Error != nil {
+				return fmt.Errorf("topic %q: %w", first, t.Error)
+			}
+			parts = len(t.Partitions)
+		}
+	}
+	if parts == 0 {
+		return fmt.Errorf("topic %q has no partitions yet", first)
+	}
+	end, err := s.deltasEnd(ctx)
+	if err != nil {
+		return err
+	}
+
+	p1, p2 := s.entities, s.segments
+	s.holdMu.Lock()
+	for ep := range parts {
+		q, ok, err := p1.st.Meta(seqMeta(ep))
+		if err != nil {
+			s.holdMu.Unlock()
+			return err
+		}
+		if ok {
+			s.localSeq[ep] = q
+		}
+	}
+	s.holdMu.Unlock()
+	p2.mu.Lock()
+	defer p2.mu.Unlock()
+	for ep := range parts {
+		q, ok, err := p2.st.Meta(seqMeta(ep))
+		if err != nil {
+			return err
+		}
+		if ok {
+			s.seq[ep] = q
+		}
+		for _, t := range s.cfg.Kafka.Topics {
+			tp := store.TopicPartition{Topic: t.Name, Partition: ep}
+			off, ok, err := p2.st.Meta(appliedMeta(tp))
+			if err != nil {
+				return err
+			}
+			if ok {
+				s.applied[tp] = off
+			}
+		}
+	}
+	pos := max(p2.partition(s.topic, 0).next, 0)
+	s.readPos.Store(pos)
+	s.startEnd = end
+	s.caughtUp.Store(pos >= end)
+	s.parts.Store(int64(parts))
+	close(s.initDone)
+	s.logger.Info("scale-out mode", "deltas_topic", s.topic, "partitions", parts, "deltas_offset", pos, "deltas_end", end)
+	return nil
+}
+
+// deltasEnd returns the end offset of the deltas topic.
+func (s *ScaleOut) deltasEnd(ctx context.Context) (int64, error) {
+	resp, err := s.client.ListOffsets(ctx, &kafka.ListOffsetsRequest{Topics: map[string][]kafka.OffsetRequest{s.topic: {kafka.LastOffsetOf(0)}}})
+	if err != nil {
+		return 0, fmt.Errorf("end offset of %q: %w", s.topic, err)
+	}
+	parts := resp.Topics[s.topic]
+	if len(parts) == 0 {
+		return 0, fmt.Errorf("end offset of %q: no answer", s.topic)
+	}
+	if parts[0].Error != nil {
+		return 0, fmt.Errorf("end offset of %q: %w", s.topic, parts[0].Error)
+	}
+	return parts[0].LastOffset, nil
+}
+
+func (s *ScaleOut) newDeltasReader() *kafka.Reader {
+	return kafka.NewReader(kafka.ReaderConfig{
+		Brokers:        s.cfg.Kafka.Brokers,
+		Topic:          s.topic,
+		Partition:      0,
+		Dialer:         s.dialer,
+		MinBytes:       1,
+		MaxBytes:       deltasMaxBytes + 1<<20,
+		MaxWait:        250 * time.Millisecond,
+		ReadBackoffMin: 50 * time.Millisecond,
+		ReadBackoffMax: 2 * time.Second,
+		Logger:         kafkaLogger(s.logger, slog.LevelDebug),
+		ErrorLogger:    kafkaLogger(s.logger, slog.LevelWarn),
+	})
+}
+
+// readDeltas is stage 2's input: every marker of the deltas topic, in
+// order, from the offset stored with stage 2's state.
+func (s *ScaleOut) readDeltas(ctx context.Context) error {
+	backoff := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		err := s.readDeltasFrom(ctx, s.readPos.Load())
+		if ctx.Err() != nil {
+			return nil
+		}
+		s.logger.Warn("reading the deltas topic failed; retrying", "err", err, "backoff", backoff)
+		select {
+		case <-ctx.Done():
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 10*time.Second)
+	}
+	return nil
+}
+
+func (s *ScaleOut) readDeltasFrom(ctx context.Context, pos int64) error {
+	r := s.newDeltasReader()
+	defer r.Close()
+	if err := r.SetOffset(pos); err != nil {
+		return err
+	}
+	p2 := s.segments
+	for {
+		msg, err := r.FetchMessage(ctx)
+		if err != nil {
+			return err
+		}
+		m, err := decodeMarker(msg.Value)
+		if err != nil {
+			s.logger.Error("skipping an unreadable marker", "offset", msg.Offset, "err", err)
+			m = nil
+		}
+		s.applyMarker(msg.Offset, m)
+		s.readPos.Store(msg.Offset + 1)
+		if !s.caughtUp.Load() {
+			s.remaining.Store(max(s.startEnd-msg.Offset-1, 0))
+		}
+		if !s.caughtUp.Load() && msg.Offset+1 >= s.startEnd {
+			s.caughtUp.Store(true)
+			s.logger.Info("stage 2 caught up with the deltas topic", "offset", msg.Offset+1)
+		}
+		if p2.pendingVecs.Load() >= 2*p2.pendingLimit {
+			_ = p2.flush(ctx, false)
+		}
+	}
+}
+
+// A marker record's value is the length of the encoded entity states
+// (uvarint), the entity states (gob), then the rest of the marker (gob):
+// stage 2 skips the states without decoding them, a restore reads only
+// them.
+func encodeMarker(m *marker) ([]byte, error) {
+	var ents bytes.Buffer
+	if len(m.entities) > 0 {
+		if err := gob.NewEncoder(&ents).Encode(m.entities); err != nil {
+			return nil, fmt.Errorf("encode marker entities: %w", err)
+		}
+	}
+	buf := bytes.NewBuffer(binary.AppendUvarint(nil, uint64(ents.Len())))
+	buf.Write(ents.Bytes())
+	if err := gob.NewEncoder(buf).Encode(m); err != nil {
+		return nil, fmt.Errorf("encode marker: %w", err)
+	}
+	return buf.Bytes(), nil
+}
+
+// splitMarker returns the encoded entity states and the rest of a marker
+// record.
+func splitMarker(b []byte) (ents, rest []byte, err error) {
+	n, k := binary.Uvarint(b)
+	if k <= 0 || uint64(len(b)-k) < n {
+		return nil, nil, errors.New("decode marker: bad framing")
+	}
+	return b[k : k+int(n)], b[k+int(n):], nil
+}
+
+func decodeMarker(b []byte) (*marker, error) {
+	_, rest, err := splitMarker(b)
+	if err != nil {
+		return nil, err
+	}
+	m := &marker{}
+	if err := gob.NewDecoder(bytes.NewReader(rest)).Decode(m); err != nil {
+		return nil, fmt.Errorf("decode marker: %w", err)
+	}
+	return m, nil
+}
+
+// decodeEntities decodes the entity states of a marker.
+func decodeEntities(b []byte) ([]markerEntity, error) {
+	var es []markerEntity
+	if len(b) == 0 {
+		return nil, nil
+	}
+	if err := gob.NewDecoder(bytes.NewReader(b)).Decode(&es); err != nil {
+		return nil, fmt.Errorf("decode marker entities: %w", err)
+	}
+	return es, nil
+}
+
+// prepareMarker builds the marker of a stage-1 flush from what the flush
+// writes. It runs under the stage-1 processor's mutex.
+func (s *ScaleOut) prepareMarker(f *inflight, _ *store.Batch) {
+	s.outgoing = nil
+	p := s.entities
+	var parts []markerPart
+	for _, fp := range f.parts {
+		if fp.next >= 0 && fp.next != fp.part.stored {
+			parts = append(parts, markerPart{Topic: fp.part.tp.Topic, Partition: fp.part.tp.Partition, From: fp.part.stored, To: fp.next})
+		}
+	}
+	if len(parts) == 0 {
+		return
+	}
+	m := &marker{
+		Writer: s.writer, Seq: s.nextSeq.Add(1), Parts: parts,
+		Clock: p.clock, LastEvent: p.lastEvent, HistoryStart: f.historyStart, HasHistory: f.hasHistory,
+	}
+	for _, sg := range f.segments {
+		ms := markerSegment{Breakdown: sg.breakdown, Labels: sg.labels, Totals: slices.Clone(sg.totalsFlushing)}
+		for b, v := range sg.flushing {
+			ms.Buckets = append(ms.Buckets, b)
+			ms.Vecs = append(ms.Vecs, v...)
+		}
+		m.Segments = append(m.Segments, ms)
+	}
+	for _, h := range f.hist {
+		m.Hist = append(m.Hist, slices.Clone(h))
+	}
+	t := p.entities
+	for _, idx := range f.dirty {
+		e := t.rec(idx)
+		key := t.key(e)
+		var view store.Entity
+		dims := p.combos[e.combo].dims
+		t.view(idx, dims, &view)
+		me := markerEntity{
+			Partition: int(binary.BigEndian.Uint32(key)), ID: slices.Clone(key[4:]),
+			LastSeen: view.LastSeen, Reached: slices.Clone(view.Reached), Seen: slices.Clone(view.Seen),
+		}
+		for i, id := range dims {
+			me.Dims = append(me.Dims, p.dict.value(i, id))
+		}
+		m.entities = append(m.entities, me)
+	}
+	s.outgoing = m
+}
+
+// sendMarker produces the marker of a stage-1 flush and waits for stage 2
+// to decide it; the flush commits only an accepted marker. A rejected one
+// fences this replica.
+func (s *ScaleOut) sendMarker(ctx context.Context, b *store.Batch) error {
+	m := s.outgoing
+	s.outgoing = nil
+	if m == nil {
+		return nil
+	}
+	data, err := encodeMarker(m)
+	if err != nil {
+		return err
+	}
+	k := markerKey{m.Writer, m.Seq}
+	ch := make(chan decision, 1)
+	s.waitMu.Lock()
+	s.waiters[k] = ch
+	s.waitMu.Unlock()
+	defer func() {
+		s.waitMu.Lock()
+		delete(s.waiters, k)
+		s.waitMu.Unlock()
+	}()
+	// A flush at shutdown runs without cancellation: bound it.
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	backoff := 100 * time.Millisecond
+	for {
+		resp, err := s.client.Produce(ctx, &kafka.ProduceRequest{
+			Topic: s.topic, Partition: 0, RequiredAcks: kafka.RequireAll, Compression: kafka.Snappy,
+			Records: kafka.NewRecordReader(kafka.Record{Value: kafka.NewBytes(data)}),
+		})
+		if err == nil {
+			err = resp.Error
+		}
+		if err == nil {
+			break
+		}
+		// Producing the same marker again is harmless: only its first
+		// copy can continue its partitions.
+		s.logger.Warn("producing a marker failed; retrying", "topic", s.topic, "bytes", len(data), "err", err)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("produce marker: %w", err)
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+	var d decision
+	select {
+	case d = <-ch:
+	case <-ctx.Done():
+		return fmt.Errorf("wait for the marker's decision: %w", ctx.Err())
+	}
+	if !d.accepted {
+		s.logger.Error("a marker of this replica was rejected: another replica continued its partitions", "parts", m.Parts)
+		s.fence()
+		return ErrFenced
+	}
+	s.holdMu.Lock()
+	for ep, q := range d.seqs {
+		b.SetMeta(seqMeta(ep), q)
+		s.localSeq[ep] = q
+	}
+	s.holdMu.Unlock()
+	return nil
+}
+
+// applyMarker decides a marker read at offset off and, when it continues
+// the partitions it covers, applies its deltas to stage 2. Every replica
+// reads the same markers in the same order and so decides the same.
+func (s *ScaleOut) applyMarker(off int64, m *marker) {
+	p := s.segments
+	p.mu.Lock()
+	part := p.partition(s.topic, 0)
+	if part.next >= 0 && off < part.next {
+		p.mu.Unlock()
+		return
+	}
+	part.next = off + 1
+	part.counts.consumed++
+	if m == nil {
+		p.mu.Unlock()
+		return
+	}
+	ok := len(m.Parts) > 0
+	for _, mp := range m.Parts {
+		tp := store.TopicPartition{Topic: mp.Topic, Partition: mp.Partition}
+		from, seen := s.applied[tp]
+		if !seen {
+			from = -1
+		}
+		if from != mp.From {
+			ok = false
+		}
+	}
+	d := decision{accepted: ok}
+	if ok {
+		part.counts.applied++
+		d.seqs = map[int]int64{}
+		for _, mp := range m.Parts {
+			s.applied[store.TopicPartition{Topic: mp.Topic, Partition: mp.Partition}] = mp.To
+			if _, done := d.seqs[mp.Partition]; !done {
+				s.seq[mp.Partition]++
+				d.seqs[mp.Partition] = s.seq[mp.Partition]
+				s.histPend = append(s.histPend, histEntry{mp.Partition, s.seq[mp.Partition], off})
+			}
+		}
+		s.applyDeltas(m)
+	} else {
+		part.counts.duplicate++
+	}
+	p.mu.Unlock()
+	s.waitMu.Lock()
+	ch := s.waiters[markerKey{m.Writer, m.Seq}]
+	s.waitMu.Unlock()
+	if ch != nil {
+		select {
+		case ch <- d:
+		default: // a second copy of a marker already decided
+		}
+	}
+}
+
+// applyDeltas adds an accepted marker's deltas to stage 2's pending state,
+// as ApplyBatch does for events. It runs under stage 2's mutex.
+func (s *ScaleOut) applyDeltas(m *marker) {
+	p := s.segments
+	l := p.layout
+	var key []byte
+	for i := range m.Segments {
+		ms := &m.Segments[i]
+		if ms.Breakdown >= len(p.breakdownDims) || len(ms.Labels) != len(p.breakdownDims[ms.Breakdown]) ||
+			len(ms.Vecs) != len(ms.Buckets)*l.vecLen || len(ms.Totals) != l.stages {
+			continue // another configuration
+		}
+		key = append(key[:0], byte(ms.Breakdown))
+		for j, dim := range p.breakdownDims[ms.Breakdown] {
+			id, _ := p.dict.id(dim, []byte(ms.Labels[j]), false)
+			key = binary.BigEndian.AppendUint32(key, id)
+		}
+		seg, found := p.segments[store.Segment(key)]
+		if !found {
+			p.sumsMu.Lock()
+			seg = p.segmentFor(key)
+			p.sumsMu.Unlock()
+		}
+		for j, b := range ms.Buckets {
+			v := seg.lookup(p, b, false)
+			for k, x := range ms.Vecs[j*l.vecLen : (j+1)*l.vecLen] {
+				v[k] += x
+			}
+		}
+		for j, x := range ms.Totals {
+			seg.totalsDelta[j] += x
+		}
+	}
+	for t, h := range m.Hist {
+		if t < len(p.histDelta) && len(h) == len(p.histDelta[t]) {
+			for i, x := range h {
+				p.histDelta[t][i] += x
+			}
+		}
+	}
+	p.clock = max(p.clock, m.Clock)
+	p.lastEvent = max(p.lastEvent, m.LastEvent)
+	if m.HasHistory && (!p.hasHistory || m.HistoryStart < p.historyStart) {
+		p.historyStart, p.hasHistory = m.HistoryStart, true
+	}
+}
+
+// prepareAccepted writes stage 2's acceptance state into its flush's
+// batch, with the deltas it goes with. It runs under stage 2's mutex.
+func (s *ScaleOut) prepareAccepted(_ *inflight, b *store.Batch) {
+	for tp, off := range s.applied {
+		b.SetMeta(appliedMeta(tp), off)
+	}
+	for ep, q := range s.seq {
+		b.SetMeta(seqMeta(ep), q)
+	}
+	// Entries below the stored deltas offset were committed before.
+	stored := s.segments.partition(s.topic, 0).stored
+	keep := s.histPend[:0]
+	for _, h := range s.histPend {
+		if h.off >= stored {
+			keep = append(keep, h)
+			b.SetMeta(histMeta(h.ep, h.seq), h.off)
+		}
+	}
+	s.histPend = keep
+}
+
+// histOffset returns the deltas offset of the accepted marker number seq
+// of entity-partition ep. It runs under stage 2's mutex.
+func (s *ScaleOut) histOffset(ep int, seq int64) (int64, error) {
+	for _, h := range s.histPend {
+		if h.ep == ep && h.seq == seq {
+			return h.off, nil
+		}
+	}
+	off, ok, err := s.segments.st.Meta(histMeta(ep, seq))
+	if err != nil {
+		return 0, err
+	}
+	if !ok {
+		return 0, fmt.Errorf("no deltas offset for marker %d of partition %d", seq, ep)
+	}
+	return off, nil
+}
+
+// restorePlan is what a newly assigned entity-partition needs: the entity
+// states of the accepted markers at offsets, and then these input offsets.
+type restorePlan struct {
+	ep      int
+	seq     int64
+	offsets []int64
+	applied map[string]int64
+}
+
+// assign runs before a generation reads its partitions: it waits for stage
+// 2 to catch up with the deltas topic, then brings the stage-1 state of
+// every assigned entity-partition to what the accepted markers say.
+func (s *ScaleOut) assign(ctx context.Context, tps []store.TopicPartition) error {
+	select {
+	case <-s.initDone:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	s.restoring.Store(true)
+	defer s.restoring.Store(false)
+	owned := map[int]bool{}
+	for _, tp := range tps {
+		owned[tp.Partition] = true
+	}
+	s.owned.Store(&owned)
+
+	end, err := s.deltasEnd(ctx)
+	if err != nil {
+		return err
+	}
+	for s.readPos.Load() < end {
+		s.remaining.Store(end - s.readPos.Load())
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+
+	var plans []*restorePlan
+	p2 := s.segments
+	p2.mu.Lock()
+	clock := p2.clock
+	for ep := range owned {
+		s.holdMu.Lock()
+		local := s.localSeq[ep]
+		s.holdMu.Unlock()
+		target := s.seq[ep]
+		if local >= target {
+			if local > target {
+				s.logger.Warn("local state of a partition is ahead of the deltas topic", "partition", ep, "local", local, "accepted", target)
+			}
+			continue
+		}
+		pl := &restorePlan{ep: ep, seq: target, applied: map[string]int64{}}
+		for q := local + 1; q <= target; q++ {
+			off, err := s.histOffset(ep, q)
+			if err != nil {
+				p2.mu.Unlock()
+				return err
+			}
+			pl.offsets = append(pl.offsets, off)
+		}
+		for _, t := range s.cfg.Kafka.Topics {
+			if off, ok := s.applied[store.TopicPartition{Topic: t.Name, Partition: ep}]; ok {
+				pl.applied[t.Name] = off
+			}
+		}
+		plans = append(plans, pl)
+	}
+	p2.mu.Unlock()
+
+	p1 := s.entities
+	if len(plans) > 0 {
+		start := time.Now()
+		states, read, size, err := s.readEntityStates(ctx, plans)
+		if err != nil {
+			return err
+		}
+		if err := s.installStates(plans, states); err != nil {
+			return err
+		}
+		n := 0
+		for _, st := range states {
+			n += len(st)
+		}
+		s.logger.Info("restored partitions from the deltas topic", "partitions", len(plans), "entities", n, "records_read", read, "bytes_read", size, "took", time.Since(start).Round(time.Millisecond))
+	}
+	p1.mu.Lock()
+	if p1.eventClock {
+		p1.clock = max(p1.clock, clock)
+	}
+	p1.mu.Unlock()
+	s.remaining.Store(0)
+	return nil
+}
+
+// readEntityStates reads the markers the plans need and keeps, per
+// entity-partition and entity, the newest state.
+func (s *ScaleOut) readEntityStates(ctx context.Context, plans []*restorePlan) (states map[int]map[string]*markerEntity, read, size int64, err error) {
+	need := map[int64][]int{} // offset -> entity-partitions
+	lo, hi := int64(math.MaxInt64), int64(-1)
+	for _, pl := range plans {
+		for _, off := range pl.offsets {
+			need[off] = append(need[off], pl.ep)
+			lo, hi = min(lo, off), max(hi, off)
+		}
+	}
+	states = map[int]map[string]*markerEntity{}
+	for _, pl := range plans {
+		states[pl.ep] = map[string]*markerEntity{}
+	}
+	r := s.newDeltasReader()
+	defer r.Close()
+	if err := r.SetOffset(lo); err != nil {
+		return nil, 0, 0, err
+	}
+	for {
+		s.remaining.Store(hi - lo - read + 1)
+		msg, err := r.FetchMessage(ctx)
+		if err != nil {
+			return nil, read, size, fmt.Errorf("restore from %q: %w", s.topic, err)
+		}
+		read++
+		size += int64(len(msg.Value))
+		if eps, ok := need[msg.Offset]; ok {
+			raw, _, err := splitMarker(msg.Value)
+			if err != nil {
+				return nil, read, size, err
+			}
+			es, err := decodeEntities(raw)
+			if err != nil {
+				return nil, read, size, err
+			}
+			for i := range es {
+				e := &es[i]
+				if slices.Contains(eps, e.Partition) {
+					states[e.Partition][string(e.ID)] = e
+				}
+			}
+		}
+		if msg.Offset >= hi {
+			return states, read, size, nil
+		}
+	}
+}
+
+// installStates writes the restored entity states and the partitions' new
+// offsets to the stage-1 store in one batch, and drops the cached states
+// of those partitions.
+func (s *ScaleOut) installStates(plans []*restorePlan, states map[int]map[string]*markerEntity) error {
+	p := s.entities
+	p.flushMu.Lock()
+	defer p.flushMu.Unlock()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	eps := map[int]bool{}
+	for _, pl := range plans {
+		eps[pl.ep] = true
+	}
+	t := p.entities
+	t.each(func(idx uint32, r *entityRec) {
+		k := t.key(r)
+		if r.flags&recDirty == 0 && eps[int(binary.BigEndian.Uint32(k))] {
+			t.remove(idx, xxhash.Sum64(k))
+		}
+	})
+	b := p.st.NewBatch()
+	var key []byte
+	for _, pl := range plans {
+		for id, me := range states[pl.ep] {
+			if len(me.Reached) != len(p.cfg.Funnel.Stages) || len(me.Dims) != len(p.cfg.Segments.Dimensions) {
+				continue
+			}
+			e := store.Entity{LastSeen: me.LastSeen, Reached: me.Reached, Seen: me.Seen}
+			for i, v := range me.Dims {
+				dim, overflow := p.dict.id(i, []byte(v), false)
+				if overflow {
+					p.overflowDelta[i]++
+				}
+				e.Dims = append(e.Dims, dim)
+			}
+			b.SetEntity(pl.ep, []byte(id), &e)
+			key = binary.BigEndian.AppendUint32(key[:0], uint32(pl.ep))
+			key = append(key, id...)
+			h := xxhash.Sum64(key)
+			if !p.known.mayContain(h) {
+				p.entityCount++
+				p.known.add(h)
+			}
+		}
+		for topic, off := range pl.applied {
+			b.SetOffset(topic, pl.ep, off)
+		}
+		b.SetMeta(seqMeta(pl.ep), pl.seq)
+	}
+	for _, v := range p.dict.fresh {
+		b.SetDictValue(p.dict.dims[v.dim], v.value, v.id)
+	}
+	b.SetMeta(metaEntities, p.entityCount)
+	if err := b.Commit(); err != nil {
+		return fmt.Errorf("store restored partitions: %w", err)
+	}
+	s.holdMu.Lock()
+	for _, pl := range plans {
+		s.localSeq[pl.ep] = pl.seq
+		for topic, off := range pl.applied {
+			part := p.partition(topic, pl.ep)
+			part.next, part.stored = off, off
+		}
+	}
+	s.holdMu.Unlock()
+	if p.known.full() {
+		return p.rebuildFilter()
+	}
+	return nil
+}
+
+// exported reports whether this replica exports a segment: the owner of
+// entity-partition hash(segment) mod P does.
+func (s *ScaleOut) exported(breakdown string, labels []Label) bool {
+	n := s.parts.Load()
+	owned := s.owned.Load()
+	if n == 0 || owned == nil {
+		return false
+	}
+	h := xxhash.New()
+	_, _ = h.WriteString(breakdown)
+	for _, l := range labels {
+		_, _ = h.WriteString("\x00")
+		_, _ = h.WriteString(l.Value)
+	}
+	return (*owned)[int(h.Sum64()%uint64(n))]
+}
+
+// scaleCollector exports stage 1's operational series, stage 2's
+// per-segment series of the exported segments, and the mode's own gauges.
+type scaleCollector struct{ s *ScaleOut }
+
+func (c scaleCollector) Describe(chan<- *prometheus.Desc) {}
+
+func (c scaleCollector) Collect(ch chan<- prometheus.Metric) {
+	start := time.Now()
+	s := c.s
+	s.entities.metrics.collectOperational(ch)
+	s.segments.metrics.collectSegments(ch)
+	ch <- prometheus.MustNewConstMetric(s.restoreDesc, prometheus.GaugeValue, float64(s.remaining.Load()))
+	n := 0
+	if o := s.owned.Load(); o != nil {
+		n = len(*o)
+	}
+	ch <- prometheus.MustNewConstMetric(s.ownedDesc, prometheus.GaugeValue, float64(n))
+	s.entities.metrics.collectDuration.Observe(time.Since(start).Seconds())
+}
