@@ -488,7 +488,7 @@ func (s *ScaleOut) readDeltasFrom(ctx context.Context, pos int64) error {
 			s.logger.Info("stage 2 caught up with the deltas topic", "offset", msg.Offset+1)
 		}
 		if p2.pendingVecs.Load() >= 2*p2.pendingLimit {
-			_ = p2.flush(ctx, false)
+			_ = p2.flush(ctx, false, 2*p2.pendingLimit)
 		}
 	}
 }
