@@ -120,10 +120,13 @@ func syntheticEvents(n int, seed uint64) []kafka.Message {
 	return msgs
 }
 
+// produceMessages writes msgs to topic, each acknowledged by the broker
+// (kafka-go's writer does not wait for acks by default): records written
+// just before a fault must not be lost on the producer's side.
 func produceMessages(t testing.TB, brokers []string, topic string, msgs []kafka.Message) {
 	t.Helper()
 	w := &kafka.Writer{Addr: kafka.TCP(brokers...), Topic: topic, Balancer: &kafka.Hash{}, AllowAutoTopicCreation: true,
-		BatchTimeout: time.Millisecond, BatchSize: 5000, BatchBytes: 4 << 20, RequiredAcks: kafka.RequireOne}
+		BatchTimeout: time.Millisecond, BatchSize: 5000, BatchBytes: 4 << 20, RequiredAcks: kafka.RequireAll}
 	defer w.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()

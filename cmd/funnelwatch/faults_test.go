@@ -110,30 +110,6 @@ func (b *brokerProc) kill(t testing.TB) {
 	b.cmd = nil
 }
 
-// produceAcked is produceMessages with every record acknowledged by the
-// broker (kafka-go's writer does not wait for acks by default): records
-// written just before a broker is frozen or killed must not be lost on the
-// producer's side.
-func produceAcked(t testing.TB, brokers []string, topic string, msgs []kafka.Message) {
-	t.Helper()
-	w := &kafka.Writer{Addr: kafka.TCP(brokers...), Topic: topic, Balancer: &kafka.Hash{}, AllowAutoTopicCreation: true,
-		RequiredAcks: kafka.RequireAll, BatchTimeout: time.Millisecond, BatchSize: 5000, BatchBytes: 4 << 20}
-	defer w.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	for len(msgs) > 0 {
-		chunk := msgs[:min(len(msgs), 20000)]
-		if err := w.WriteMessages(ctx, chunk...); err != nil {
-			if ctx.Err() != nil {
-				t.Fatalf("produce: %v", err)
-			}
-			time.Sleep(100 * time.Millisecond) // the topic is being created
-			continue
-		}
-		msgs = msgs[len(chunk):]
-	}
-}
-
 // outage is what a watcher saw of a funnelwatch process while a fault
 // lasted.
 type outage struct {
@@ -244,7 +220,7 @@ func testBrokerFault(t *testing.T, fault func(t *testing.T, b *brokerProc)) {
 	const n = brokerFaultRecords
 	b := startBrokerProc(t, 3)
 	msgs := syntheticEvents(n, 11)
-	produceAcked(t, b.brokers(), "events", msgs[:n/4])
+	produceMessages(t, b.brokers(), "events", msgs[:n/4])
 	// kfake writes its topic list only at start and at shutdown (a real
 	// broker persists a topic when it creates it): restart it gracefully
 	// once so that a SIGKILL later loses nothing.
@@ -268,7 +244,7 @@ func testBrokerFault(t *testing.T, fault func(t *testing.T, b *brokerProc)) {
 	// Ready once the records there were at assignment are applied; records
 	// produced later keep it ready while it consumes them.
 	waitFor(t, 60*time.Second, "ready before the fault", func() bool { return readyz(addr) == http.StatusOK })
-	produceAcked(t, b.brokers(), "events", msgs[n/4:7*n/8])
+	produceMessages(t, b.brokers(), "events", msgs[n/4:7*n/8])
 	deadline := time.Now().Add(60 * time.Second)
 	at := consumedOf(addr)
 	for ; at <= n/4; at = consumedOf(addr) {
@@ -303,7 +279,7 @@ func testBrokerFault(t *testing.T, fault func(t *testing.T, b *brokerProc)) {
 		t.Errorf("/metrics failed %d of %d times during the outage, first: %s", len(obs.scrapeErrors), obs.scrapes, obs.scrapeErrors[0])
 	}
 
-	produceAcked(t, b.brokers(), "events", msgs[7*n/8:])
+	produceMessages(t, b.brokers(), "events", msgs[7*n/8:])
 	waitFor(t, 90*time.Second, "/readyz 200 after the outage", func() bool { return readyz(addr) == http.StatusOK })
 	got := runToEnd(t, p, n)
 	p.terminate(t)
@@ -472,7 +448,7 @@ func TestStoreDiskFull(t *testing.T) {
 	)
 	brokers := startBroker(t, 3)
 	msgs := syntheticEvents(n, 13)
-	produceAcked(t, brokers, "events", msgs[:n/3])
+	produceMessages(t, brokers, "events", msgs[:n/3])
 	logs := &lockedBuffer{}
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -526,10 +502,10 @@ func TestStoreDiskFull(t *testing.T) {
 	// 1. The disk fills while consuming (records produced just before are
 	// being read); space returns; it resumes. The records produced after
 	// the fill are the ones it must not consume meanwhile.
-	produceAcked(t, brokers, "events", msgs[n/3:n/2])
+	produceMessages(t, brokers, "events", msgs[n/3:n/2])
 	size := fill(t, filler, leave)
 	t.Logf("filled %s with %d MiB", storeDir, size>>20)
-	produceAcked(t, brokers, "events", msgs[n/2:2*n/3])
+	produceMessages(t, brokers, "events", msgs[n/2:2*n/3])
 	expectPaused("disk full", 2*n/3)
 	if err := os.Remove(filler); err != nil {
 		t.Fatal(err)
@@ -539,9 +515,9 @@ func TestStoreDiskFull(t *testing.T) {
 
 	// 2. Full again, and the process is killed meanwhile (a pod restart
 	// during the outage).
-	produceAcked(t, brokers, "events", msgs[2*n/3:5*n/6])
+	produceMessages(t, brokers, "events", msgs[2*n/3:5*n/6])
 	fill(t, filler, leave)
-	produceAcked(t, brokers, "events", msgs[5*n/6:])
+	produceMessages(t, brokers, "events", msgs[5*n/6:])
 	expectPaused("disk full again", n)
 	p.kill()
 	restart := &lockedBuffer{}
