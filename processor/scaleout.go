@@ -617,8 +617,13 @@ func (s *ScaleOut) sendMarker(ctx context.Context, b *store.Batch) error {
 		delete(s.waiters, k)
 		s.waitMu.Unlock()
 	}()
-	// A flush at shutdown runs without cancellation: bound it.
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	// Once produced, a marker may be accepted whatever happens to this
+	// flush: its fate must be learnt before anything else is flushed, or
+	// the next marker would repeat its offsets and be rejected. So the
+	// marker is seen through to its decision even when ctx ends, within a
+	// bound; a marker whose fate stays unknown fences this replica, and
+	// the restart restores from what stage 2 decided.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
 	defer cancel()
 	backoff := 100 * time.Millisecond
 	for {
@@ -637,7 +642,8 @@ func (s *ScaleOut) sendMarker(ctx context.Context, b *store.Batch) error {
 		s.logger.Warn("producing a marker failed; retrying", "topic", s.topic, "bytes", len(data), "err", err)
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("produce marker: %w", err)
+			s.fence()
+			return fmt.Errorf("produce marker: %w (%w)", err, ErrFenced)
 		case <-time.After(backoff):
 		}
 		backoff = min(2*backoff, 5*time.Second)
@@ -646,7 +652,8 @@ func (s *ScaleOut) sendMarker(ctx context.Context, b *store.Batch) error {
 	select {
 	case d = <-ch:
 	case <-ctx.Done():
-		return fmt.Errorf("wait for the marker's decision: %w", ctx.Err())
+		s.fence()
+		return fmt.Errorf("wait for the marker's decision: %w (%w)", ctx.Err(), ErrFenced)
 	}
 	if !d.accepted {
 		s.logger.Error("a marker of this replica was rejected: another replica continued its partitions", "parts", m.Parts)

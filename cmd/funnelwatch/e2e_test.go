@@ -367,7 +367,7 @@ func TestCrashRecovery(t *testing.T) {
 			}
 			p.kill()
 		default:
-			waitProgress(t, p, target)
+			waitProgress(t, p, target, brokers, "faulty")
 			switch aim {
 			case killConsuming:
 				time.Sleep(time.Duration(rng.IntN(200)) * time.Millisecond)
@@ -402,12 +402,12 @@ func TestCrashRecovery(t *testing.T) {
 }
 
 // waitProgress waits until p consumed target records.
-func waitProgress(t testing.TB, p *proc, target int) {
+func waitProgress(t testing.TB, p *proc, target int, brokers []string, group string) {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for c := consumedOf(p.addr); c < target; c = consumedOf(p.addr) {
 		if time.Now().After(deadline) {
-			t.Fatalf("no progress to %d records after restart (at %d)", target, c)
+			t.Fatalf("no progress to %d records after restart (at %d); the group: %+v", target, c, describeGroup(t, brokers, group))
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -416,6 +416,13 @@ func waitProgress(t testing.TB, p *proc, target int) {
 // groupState asks the broker for the state of a consumer group: Stable,
 // PreparingRebalance, CompletingRebalance, Empty or Dead.
 func groupState(t testing.TB, brokers []string, group string) string {
+	t.Helper()
+	return describeGroup(t, brokers, group).GroupState
+}
+
+// describeGroup asks the broker for a consumer group's state, members and
+// their assignments.
+func describeGroup(t testing.TB, brokers []string, group string) kafka.DescribeGroupsResponseGroup {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -427,7 +434,7 @@ func groupState(t testing.TB, brokers []string, group string) string {
 	if len(resp.Groups) != 1 || resp.Groups[0].Error != nil {
 		t.Fatalf("describe group %s: %+v", group, resp.Groups)
 	}
-	return resp.Groups[0].GroupState
+	return resp.Groups[0]
 }
 
 // rebalanceKill has another member join p's consumer group, so that the
