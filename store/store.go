@@ -145,8 +145,28 @@ func (s *Store) Close() error {
 	return nil
 }
 
-// DiskBytes is the space the store takes on disk.
-func (s *Store) DiskBytes() uint64 { return s.db.Metrics().DiskSpaceUsage() }
+// DiskBytes is the size of the store's files: sstables, write-ahead logs,
+// manifests and options, as a directory listing shows them. Pebble's own
+// DiskSpaceUsage is not used: it counts the live write-ahead log at the
+// size it had when it was created, so a store that has not flushed a
+// memtable yet reported a few KiB while holding tens of MiB. Directories
+// (another store's, such as the scale-out segment store) are not counted.
+// DiskBytes is safe for concurrent use.
+func (s *Store) DiskBytes() uint64 {
+	names, err := s.fs.List(s.dir)
+	if err != nil {
+		return s.db.Metrics().DiskSpaceUsage()
+	}
+	var n uint64
+	for _, name := range names {
+		fi, err := s.fs.Stat(s.fs.PathJoin(s.dir, name))
+		if err != nil || fi.IsDir() {
+			continue // removed since the listing (a compaction), or a directory
+		}
+		n += uint64(fi.Size())
+	}
+	return n
+}
 
 // Batch collects the writes of one flush. Commit applies all of them
 // atomically or none. A Batch is not safe for concurrent use.

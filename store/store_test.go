@@ -555,3 +555,20 @@ func TestReadOnly(t *testing.T) {
 		t.Error("DiskBytes of a store with data = 0")
 	}
 }
+
+// TestDiskBytes checks that DiskBytes follows what is written before any
+// memtable is flushed: the write-ahead log holds it all then.
+func TestDiskBytes(t *testing.T) {
+	st := open(t, nil)
+	before := st.DiskBytes()
+	// Each bucket's key holds at least its 8-byte index.
+	const n = 20_000
+	commit(t, st, func(b *store.Batch) {
+		for i := range n {
+			b.AddBucket(int64(i), segSeoEU, store.Vector{1, 2, 3})
+		}
+	})
+	if got, want := st.DiskBytes()-before, uint64(n*8); got < want {
+		t.Errorf("DiskBytes grew by %d after committing %d buckets; want at least %d", got, n, want)
+	}
+}
