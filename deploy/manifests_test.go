@@ -414,6 +414,41 @@ topologySpreadConstraints:
 	}
 }
 
+// TestHelmServiceMonitorTLS checks that the ServiceMonitor values for an
+// endpoint behind TLS and basic auth (docs/security.md) reach the
+// endpoint as the Prometheus Operator reads it.
+func TestHelmServiceMonitorTLS(t *testing.T) {
+	vals, err := chartutil.ReadValues([]byte(`
+serviceMonitor:
+  scheme: https
+  tlsConfig: {ca: {secret: {name: funnelwatch-web, key: ca.crt}}, serverName: funnelwatch.funnelwatch.svc}
+  basicAuth: {username: {name: funnelwatch-scrape, key: username}, password: {name: funnelwatch-scrape, key: password}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream, _ := renderChart(t, loadChart(t, chartDir), vals)
+	ep := find[*monitoringv1.ServiceMonitor](t, decodeManifests(t, chartDir, stream), "funnelwatch").Spec.Endpoints[0]
+	if got, want := deref(ep.Scheme), monitoringv1.Scheme("https"); got != want {
+		t.Errorf("scheme = %q; want %q", got, want)
+	}
+	if ep.TLSConfig == nil || ep.TLSConfig.CA.Secret == nil || ep.TLSConfig.CA.Secret.Name != "funnelwatch-web" ||
+		deref(ep.TLSConfig.ServerName) != "funnelwatch.funnelwatch.svc" {
+		t.Errorf("tlsConfig = %+v; want the CA from Secret funnelwatch-web and serverName funnelwatch.funnelwatch.svc", ep.TLSConfig)
+	}
+	if ep.BasicAuth == nil || ep.BasicAuth.Username.Name != "funnelwatch-scrape" || ep.BasicAuth.Password.Key != "password" {
+		t.Errorf("basicAuth = %+v; want username and password from Secret funnelwatch-scrape", ep.BasicAuth)
+	}
+}
+
+// deref is *p, or the zero value for nil.
+func deref[T any](p *T) T {
+	var zero T
+	if p == nil {
+		return zero
+	}
+	return *p
+}
+
 func TestHelmTemplateRejectsBadValues(t *testing.T) {
 	c := loadChart(t, chartDir)
 	tests := []struct {
