@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"net/http"
 	"slices"
 	"strings"
 	"syscall"
@@ -231,6 +232,69 @@ func TestScaleOutZombie(t *testing.T) {
 	want := singleReplica(t, brokers, n, logs)
 	converge(t, want, a, b)
 	t.Logf("zombie fenced: %v; %d per-segment series equal to one replica's", fenced, len(want))
+	a.p.terminate(t)
+	b.p.terminate(t)
+}
+
+// TestScaleOutReadyAfterRestore starts a second replica next to one that
+// has consumed everything and polls the newcomer's /readyz from its start.
+// The first time it answers 200 the newcomer must have restored the
+// partitions it was given, and the per-segment series it exports must
+// already be final: a replica is not ready while it restores.
+func TestScaleOutReadyAfterRestore(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the binary")
+	}
+	const n = 40_000
+	brokers := startBroker(t, 6)
+	produceMessages(t, brokers, "events", syntheticEvents(n, 19))
+	logs, newLogs := &lockedBuffer{}, &lockedBuffer{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("funnelwatch logs (last 8 KiB):\n%s", logs.tail(8<<10))
+			t.Logf("the newcomer's logs (last 8 KiB):\n%s", newLogs.tail(8<<10))
+		}
+	})
+	want := singleReplica(t, brokers, n, logs)
+	a := newReplica(t, brokers, "scaled")
+	a.start(t, logs)
+	converge(t, want, a)
+
+	b := newReplica(t, brokers, "scaled")
+	b.start(t, newLogs)
+	polls := 0
+	deadline := time.Now().Add(60 * time.Second)
+	for readyz(b.addr) != http.StatusOK {
+		if time.Now().After(deadline) {
+			t.Fatalf("the newcomer is not ready after 60s (%d polls)", polls)
+		}
+		polls++
+		time.Sleep(5 * time.Millisecond)
+	}
+	got, err := scrape(b.addr, segmentSeries...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	restored := strings.Contains(newLogs.tail(1<<20), "restored partitions from the deltas topic")
+	if !restored {
+		t.Errorf("the newcomer was ready before it restored any partition; want its partitions restored first")
+	}
+	final := map[string]bool{}
+	for _, l := range want {
+		final[l] = true
+	}
+	var early []string
+	for _, l := range got {
+		if !final[l] {
+			early = append(early, l)
+		}
+	}
+	if len(got) == 0 || len(early) > 0 {
+		t.Errorf("when first ready the newcomer exported %d per-segment series, %d of them not final (e.g. %q); want a share, all final",
+			len(got), len(early), append(early, "")[0])
+	}
+	t.Logf("ready after %d polls of /readyz; %d per-segment series, all final", polls, len(got))
+	converge(t, want, a, b)
 	a.p.terminate(t)
 	b.p.terminate(t)
 }
