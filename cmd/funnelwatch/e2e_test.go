@@ -359,7 +359,7 @@ func TestCrashRecovery(t *testing.T) {
 			// that rebalance.
 			time.Sleep(time.Duration(rng.IntN(300)) * time.Millisecond)
 			kind = killConsuming
-			if waitRebalancing(t, brokers, "faulty", 3*time.Second) {
+			if waitRebalancing(t, brokers, "faulty", 10*time.Second) {
 				time.Sleep(time.Duration(rng.IntN(200)) * time.Millisecond)
 				if strings.HasSuffix(groupState(t, brokers, "faulty"), "Rebalance") {
 					kind = killJoin
