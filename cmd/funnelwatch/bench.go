@@ -668,7 +668,10 @@ func measureFreshness(ctx context.Context, p *fwProcess, brokers []string, parti
 	g.Go(func() error {
 		defer close(acks)
 		defer w.w.Close()
-		return m.Stream(gctx, w, traffic.StreamOptions{Speed: 1, Rate: rate, Duration: d, BatchSize: 100})
+		// About 50 acknowledged writes a second whatever the rate: one
+		// write waits for its acknowledgement, so small batches cap the
+		// rate far below the one asked for.
+		return m.Stream(gctx, w, traffic.StreamOptions{Speed: 1, Rate: rate, Duration: d, BatchSize: max(100, int(rate/50))})
 	})
 	var lat []time.Duration
 	g.Go(func() error {
