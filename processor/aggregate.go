@@ -103,12 +103,7 @@ func (s *segment) lookup(p *Processor, b int64, remember bool) store.Vector {
 	v, ok := s.pending[b]
 	if !ok {
 		v = p.vecs.alloc()
-		if p.pendingVecs.Add(1) == p.pendingLimit {
-			select {
-			case p.flushNow <- struct{}{}:
-			default:
-			}
-		}
+		p.addPending(p.vecBytes)
 		if len(s.pending) == 0 {
 			p.dirtySegments = append(p.dirtySegments, s)
 		}

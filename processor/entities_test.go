@@ -149,3 +149,61 @@ func TestWindowSumsMatchStore(t *testing.T) {
 		}
 	}
 }
+
+// TestPendingBoundsEntities applies many new entities without a timed
+// flush: the dirty entity states count against the pending budget, so
+// ApplyBatch flushes before the states a flush writes (and a scale-out
+// marker carries) outgrow it, and Run is asked to flush early.
+func TestPendingBoundsEntities(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Kafka.Topics = []TopicConfig{{Name: "events"}}
+	cfg.Time.Clock = ClockEvent
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	st, err := store.Open("", store.Options{FS: vfs.NewMem()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	p, err := New(cfg, st, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.pendingLimit = 64 << 10
+	const entities, perBatch = 5000, 100
+	tm := time.Date(2026, 1, 5, 0, 0, 0, 0, time.UTC).UnixMilli()
+	b := &Batch{Topic: "events"}
+	maxDirty := 0
+	for off := int64(0); off < entities; {
+		b.Records = b.Records[:0]
+		for range perBatch {
+			b.Records = append(b.Records, Record{Offset: off, Event: Event{
+				Entity: fmt.Appendf(nil, "u-%d", off), Time: tm, Dims: [][]byte{[]byte("ads"), nil},
+			}})
+			off++
+		}
+		p.ApplyBatch(b)
+		maxDirty = max(maxDirty, len(p.dirty))
+	}
+	// Every entity costs at least its reach times and seen ids.
+	minCost := 8 * int64(len(cfg.Funnel.Stages)+maxSeenIDs+2)
+	if limit := int(2*p.pendingLimit/minCost) + perBatch; maxDirty > limit {
+		t.Errorf("got up to %d dirty entities between flushes; want at most %d", maxDirty, limit)
+	}
+	select {
+	case <-p.flushNow:
+	default:
+		t.Error("got no early flush request; want one once the pending states reached the limit")
+	}
+	if err := p.Flush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	if _, err := st.Entities(nil, entities+1, func([]byte, int, []byte, *store.Entity) bool { n++; return true }); err != nil {
+		t.Fatal(err)
+	}
+	if n != entities {
+		t.Errorf("got %d stored entities; want %d", n, entities)
+	}
+}

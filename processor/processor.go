@@ -77,11 +77,13 @@ type Processor struct {
 	// stalled is set while flushes fail, so readers stop feeding state
 	// that cannot be written.
 	stalled atomic.Bool
-	// pendingVecs counts the bucket vectors of the pending deltas; at
+	// pending estimates the bytes a flush will write: the bucket vectors
+	// of the pending deltas and the states of the dirty entities. At
 	// pendingLimit Run flushes early, at twice that ApplyBatch flushes
-	// before applying (see pendingBytes).
-	pendingVecs  atomic.Int64
+	// before applying (see pendingBudget).
+	pending      atomic.Int64
 	pendingLimit int64
+	vecBytes     int64
 	flushNow     chan struct{}
 
 	// flushMu serialises flushes. mu guards the live state: what
@@ -170,6 +172,9 @@ type bucketWrite struct {
 type combo struct {
 	dims []uint32
 	segs []*segment
+	// dimBytes is the length of the dimension values, which a scale-out
+	// marker carries as strings.
+	dimBytes int
 }
 
 // partition is the processing position and the counters of one partition.
@@ -263,7 +268,8 @@ func New(cfg Config, st *store.Store, o Options) (*Processor, error) {
 		p.histDelta = append(p.histDelta, make([]int64, len(ttcBounds)+2))
 	}
 	p.vecs.vecLen, p.vecsFlushing.vecLen = p.layout.vecLen, p.layout.vecLen
-	p.pendingLimit = max(1024, pendingBytes/int64(8*p.layout.vecLen))
+	p.vecBytes = int64(8 * p.layout.vecLen)
+	p.pendingLimit = max(pendingBudget, 1024*p.vecBytes)
 	p.flushNow = make(chan struct{}, 1)
 	p.evalRanges, p.evalTaps = p.layout.evalTaps()
 	if err := p.load(); err != nil {
@@ -549,7 +555,7 @@ func (b *Batch) Add(d *Decoder, topicStage int, m *kafka.Message) {
 // below the partition's next offset were applied before and are skipped, so
 // a redelivered batch changes nothing.
 func (p *Processor) ApplyBatch(b *Batch) {
-	if p.pendingVecs.Load() >= 2*p.pendingLimit {
+	if p.pending.Load() >= 2*p.pendingLimit {
 		// Flushes do not keep up: write before taking more, so that the
 		// deltas held in memory stay bounded. An error stalls the
 		// processor, which the consumer waits on.
@@ -650,6 +656,7 @@ func (p *Processor) apply(partition int, ev *Event, now int64) Reason {
 	if e.flags&recDirty == 0 {
 		e.flags |= recDirty
 		p.dirty = append(p.dirty, idx)
+		p.addPending(p.entityBytes(e))
 	}
 	e.lastSeen = max(e.lastSeen, ev.Time)
 	if ev.HasID {
@@ -761,6 +768,9 @@ func (p *Processor) comboFor(dims []uint32) uint32 {
 		return c
 	}
 	c := combo{dims: slices.Clone(dims)}
+	for i, d := range dims {
+		c.dimBytes += len(p.dict.value(i, d))
+	}
 	// Segments are created under sumsMu: a flush reads them without mu.
 	p.sumsMu.Lock()
 	defer p.sumsMu.Unlock()
@@ -838,7 +848,7 @@ func (p *Processor) Flush(ctx context.Context) error {
 func (p *Processor) flush(ctx context.Context, sweep bool, minPending int64) error {
 	start := time.Now()
 	p.flushMu.Lock()
-	if minPending > 0 && p.pendingVecs.Load() < minPending {
+	if minPending > 0 && p.pending.Load() < minPending {
 		p.flushMu.Unlock()
 		return nil
 	}
@@ -953,7 +963,7 @@ func (p *Processor) flushLocked(ctx context.Context, sweep bool) error {
 	}
 	p.flushSegments = f.segments[:0]
 	p.vecsFlushing.reset()
-	p.vecsFlushing.trim(p.pendingLimit)
+	p.vecsFlushing.trim(p.pendingLimit / p.vecBytes)
 	p.evalHistoryStart, p.evalHasHistory = f.historyStart, f.hasHistory
 	var err error
 	if p.ownsSegments() {
@@ -989,7 +999,7 @@ func (p *Processor) prepare() (*inflight, *store.Batch) {
 		historyStart: p.historyStart, hasHistory: p.hasHistory, entities: p.entityCount,
 	}
 	f.deadLetters, p.deadLetters = p.deadLetters, p.spareDeadLetters[:0]
-	p.pendingVecs.Store(0)
+	p.pending.Store(0)
 	batch := p.st.NewBatch()
 	// Buckets go into the batch in key order: the windows read them back
 	// in that order right after the commit, from the batch's memory.
@@ -1120,17 +1130,39 @@ func (p *Processor) restore(f *inflight) {
 		if e := p.entities.rec(idx); e.flags&recDirty == 0 {
 			e.flags |= recDirty
 			p.dirty = append(p.dirty, idx)
+			p.addPending(p.entityBytes(e))
 		}
 	}
 	p.flushDirty = f.dirty[:0]
 	p.dict.fresh = append(f.fresh, p.dict.fresh...)
 }
 
-// pendingBytes bounds the memory of the bucket deltas between flushes: a
-// catch-up applies records of thousands of buckets between two flushes,
-// each making a vector per segment and bucket. Reaching it makes Run flush
-// early; twice it makes ApplyBatch wait for a flush.
-const pendingBytes = 16 << 20
+// pendingBudget bounds what a flush writes, and so the memory held between
+// flushes: a catch-up applies records of thousands of buckets and of many
+// entities between two flushes, each bucket making a vector per segment
+// and each entity a state to write. Reaching it makes Run flush early;
+// twice it makes ApplyBatch wait for a flush. In the scale-out mode it also
+// bounds the size of a marker (docs/scaling.md), which must stay below the
+// deltas topic's max.message.bytes.
+const pendingBudget = 16 << 20
+
+// addPending counts n more bytes for the next flush and asks Run for an
+// early flush when they reach pendingLimit. It runs under p.mu.
+func (p *Processor) addPending(n int64) {
+	if v := p.pending.Add(n); v >= p.pendingLimit && v-n < p.pendingLimit {
+		select {
+		case p.flushNow <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// entityBytes bounds what the state of e takes in a flush: its key, reach
+// times and dimension values, and room for every seen id it may collect
+// before the flush.
+func (p *Processor) entityBytes(e *entityRec) int64 {
+	return int64(e.keyLen) + 8*int64(len(p.cfg.Funnel.Stages)+maxSeenIDs+2) + int64(p.combos[e.combo].dimBytes)
+}
 
 // maxEvalSteps bounds the bucket boundaries one flush evaluates one by one;
 // a larger jump of the event clock (a gap in a replay) is taken at once.

@@ -487,7 +487,7 @@ func (s *ScaleOut) readDeltasFrom(ctx context.Context, pos int64) error {
 			s.caughtUp.Store(true)
 			s.logger.Info("stage 2 caught up with the deltas topic", "offset", msg.Offset+1)
 		}
-		if p2.pendingVecs.Load() >= 2*p2.pendingLimit {
+		if p2.pending.Load() >= 2*p2.pendingLimit {
 			_ = p2.flush(ctx, false, 2*p2.pendingLimit)
 		}
 	}
