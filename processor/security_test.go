@@ -541,8 +541,8 @@ func TestWebTLSAndBasicAuth(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	trusting := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: ca.pool}}}
-	plain := &http.Client{Timeout: 5 * time.Second}
+	trusting := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: ca.pool}}}
+	plain := &http.Client{Timeout: 30 * time.Second}
 	paths := []string{"/metrics", "/healthz", "/readyz", "/api/v1/segments", "/"}
 	type request struct {
 		scheme, user, password string

@@ -272,21 +272,40 @@ var finalSeries = []string{
 func runToEnd(t testing.TB, p *proc, n int) []string {
 	t.Helper()
 	deadline := time.Now().Add(120 * time.Second)
+	var prev []string
 	for {
 		if consumedOf(p.addr) >= n {
-			// One more flush interval makes the stored offsets final.
-			time.Sleep(500 * time.Millisecond)
+			// Consumed is not yet stored: the series are final once a
+			// flush stored every offset and moved the windows, which
+			// a loaded machine can delay well past flush_interval. Two
+			// equal scrapes after that make sure the flush is over.
 			lines, err := scrape(p.addr, finalSeries...)
 			if err != nil {
 				t.Fatal(err)
 			}
-			return lines
+			if storedOf(lines) >= n && slices.Equal(lines, prev) {
+				return lines
+			}
+			prev = lines
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("consumed %d of %d records after 120s", consumedOf(p.addr), n)
 		}
-		time.Sleep(50 * time.Millisecond)
+		time.Sleep(200 * time.Millisecond)
 	}
+}
+
+// storedOf sums the funnel_stored_offset series of scraped lines: the
+// records stored when every partition started at offset 0.
+func storedOf(lines []string) int {
+	n := 0.0
+	for _, l := range lines {
+		if strings.HasPrefix(l, "funnel_stored_offset{") {
+			f, _ := strconv.ParseFloat(l[strings.LastIndexByte(l, ' ')+1:], 64)
+			n += f
+		}
+	}
+	return int(n)
 }
 
 // killKind is where in a funnelwatch process's life a SIGKILL landed, as

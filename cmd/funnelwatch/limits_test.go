@@ -87,7 +87,7 @@ func produceGenerated(t testing.TB, brokers []string, topic string, n int, gen f
 	w := &kafka.Writer{Addr: kafka.TCP(brokers...), Topic: topic, Balancer: &kafka.Hash{}, AllowAutoTopicCreation: true,
 		RequiredAcks: kafka.RequireOne, BatchTimeout: 5 * time.Millisecond, BatchSize: 10_000, BatchBytes: 1 << 20}
 	defer w.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	const chunk = 30_000
 	msgs := make([]kafka.Message, 0, chunk)
