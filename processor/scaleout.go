@@ -431,15 +431,17 @@ func (s *ScaleOut) readDeltasFrom(ctx context.Context, pos int64) error {
 		if err != nil {
 			return err
 		}
-		// The deltas of a marker that will be rejected are not decoded:
-		// only this goroutine changes what decides it.
+		// The deltas of a marker that will be rejected are not decoded,
+		// and those of one that will be accepted are decoded outside
+		// stage 2's mutex: only this goroutine changes what decides it.
 		m, rest, err := dec.header(msg.Value)
-		readable := err == nil
-		if readable && s.accepts(msg.Offset, m) {
+		if err == nil && s.accepts(msg.Offset, m) {
 			err = dec.deltas(rest)
 		}
 		if err != nil {
-			s.logger.Error("rejecting an unreadable marker", "offset", msg.Offset, "err", err)
+			// Skipped when its header is unreadable, rejected when its
+			// deltas are.
+			s.logger.Error("unreadable marker", "offset", msg.Offset, "err", err)
 		}
 		s.applyMarker(msg.Offset, m, err == nil)
 		s.readPos.Store(msg.Offset + 1)
@@ -519,8 +521,6 @@ func (s *ScaleOut) sendMarker(ctx context.Context, b *store.Batch) error {
 	if m == nil {
 		return nil
 	}
-	// Grouped by partition, the entity states need no copy to be encoded.
-	slices.SortStableFunc(m.entities, cmpPartition)
 	data, err := encodeMarker(m)
 	if err != nil {
 		return err
