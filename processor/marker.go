@@ -299,6 +299,28 @@ func (r *markerReader) uvarintSlow() uint64 {
 
 func (r *markerReader) varint() int64 { return unzigzag(r.uvarint()) }
 
+// varints fills dst with the next len(dst) varints. Stage 2 spends its
+// decoding in here: the loop keeps the bytes left in a register.
+func (r *markerReader) varints(dst []int64) {
+	b := r.b
+	for i := range dst {
+		if len(b) > 0 && b[0] < 0x80 {
+			dst[i] = unzigzag(uint64(b[0]))
+			b = b[1:]
+			continue
+		}
+		u, n := binary.Uvarint(b)
+		if n <= 0 {
+			clear(dst[i:])
+			r.fail("varint", errMarkerTruncated)
+			return
+		}
+		dst[i] = unzigzag(u)
+		b = b[n:]
+	}
+	r.b = b
+}
+
 func (r *markerReader) int(what string) int {
 	x := r.varint()
 	if int64(int(x)) != x {
@@ -463,9 +485,7 @@ func (d *markerDecoder) deltas(r markerReader) error {
 			sg.Labels[j] = d.str(&s, "label")
 		}
 		sg.Totals = resize(sg.Totals, s.count("totals", 1))
-		for j := range sg.Totals {
-			sg.Totals[j] = s.varint()
-		}
+		s.varints(sg.Totals)
 		n := s.count("buckets", 1)
 		width := s.count("vector width", 1)
 		if n > len(s.b)/(1+width) {
@@ -478,19 +498,13 @@ func (d *markerDecoder) deltas(r markerReader) error {
 		for j := range sg.Buckets {
 			prev += s.varint()
 			sg.Buckets[j] = prev
-			v := sg.Vecs[j*width : (j+1)*width]
-			for k := range v {
-				v[k] = s.varint()
-			}
+			s.varints(sg.Vecs[j*width : (j+1)*width])
 		}
 	}
 	m.Hist = resize(m.Hist, s.count("histograms", 1))
 	for i := range m.Hist {
-		h := resize(m.Hist[i], s.count("histogram", 1))
-		for j := range h {
-			h[j] = s.varint()
-		}
-		m.Hist[i] = h
+		m.Hist[i] = resize(m.Hist[i], s.count("histogram", 1))
+		s.varints(m.Hist[i])
 	}
 	s.done("deltas")
 	r.section("entities")
