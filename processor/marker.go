@@ -127,8 +127,8 @@ func appendMarker(dst []byte, m *marker) ([]byte, error) {
 		dst = appendVarints(dst, s.Totals)
 		dst = binary.AppendUvarint(dst, uint64(len(s.Buckets)))
 		dst = binary.AppendUvarint(dst, uint64(width))
-		// Buckets as differences from the previous one: prepareMarker
-		// sorts them, so that they take a byte or two.
+		// Buckets as differences from the previous one: a byte when they
+		// come in order, the bytes of the span of buckets otherwise.
 		prev := int64(0)
 		for j, b := range s.Buckets {
 			dst = binary.AppendVarint(dst, b-prev)
