@@ -403,10 +403,13 @@ func resize[T any](s []T, n int) []T {
 	return append(s, make([]T, n-len(s))...)
 }
 
-// maxInterned bounds the strings a markerDecoder keeps: labels, dimension
-// values and topics repeat from marker to marker, but a hostile or unusual
-// log must not grow it without end.
-const maxInterned = 1 << 16
+// maxInterned and maxInternedLen bound the strings a markerDecoder keeps
+// (16 MiB at most): labels, dimension values and topics repeat from marker
+// to marker, but a hostile or unusual log must not grow it without end.
+const (
+	maxInterned    = 1 << 16
+	maxInternedLen = 256
+)
 
 // markerDecoder decodes marker records. Stage 2 applies markers one at a
 // time: a decoder decodes each into the same marker, reusing its memory,
@@ -422,7 +425,7 @@ func (d *markerDecoder) str(r *markerReader, what string) string {
 		return s
 	}
 	s := string(b)
-	if len(d.strs) < maxInterned {
+	if len(d.strs) < maxInterned && len(s) <= maxInternedLen {
 		if d.strs == nil {
 			d.strs = map[string]string{}
 		}
