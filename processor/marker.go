@@ -442,8 +442,11 @@ func (d *markerDecoder) header(b []byte) (*marker, markerReader, error) {
 	if len(b) == 0 {
 		return nil, markerReader{}, errors.New("decode marker: empty record")
 	}
-	if v := b[0]; v == 0 || v > markerVersion {
-		return nil, markerReader{}, fmt.Errorf("decode marker: version %d is unknown to this build, which reads versions 1 to %d: upgrade it", v, markerVersion)
+	switch v := b[0]; {
+	case v == 0:
+		return nil, markerReader{}, errors.New("decode marker: version 0 does not exist: not a marker record")
+	case v > markerVersion:
+		return nil, markerReader{}, fmt.Errorf("decode marker: version %d is newer than this build reads (1 to %d): upgrade it", v, markerVersion)
 	}
 	r := markerReader{b: b[1:]}
 	m := &d.m
