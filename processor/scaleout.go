@@ -1,10 +1,8 @@
 package processor
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
-	"encoding/gob"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -46,47 +44,6 @@ var ErrFenced = errors.New("a marker of this replica was rejected: another repli
 
 // deltasMaxBytes bounds a marker; the deltas topic is created with it.
 const deltasMaxBytes = 64 << 20
-
-// marker is what one flush of stage 1 tells every replica: the input it
-// covers, the per-segment deltas it produced (with dimension values, since
-// dictionary ids are local) and the new states of the entities it changed.
-type marker struct {
-	Writer, Seq  uint64
-	Parts        []markerPart
-	Clock        int64
-	LastEvent    int64
-	HistoryStart int64
-	HasHistory   bool
-	Segments     []markerSegment
-	Hist         [][]int64
-	// entities are encoded apart (see encodeMarker).
-	entities []markerEntity
-}
-
-// markerPart is the range of an input partition a marker covers: From is
-// the next offset stored before it (-1: never consumed), To the one after.
-type markerPart struct {
-	Topic     string
-	Partition int
-	From, To  int64
-}
-
-type markerSegment struct {
-	Breakdown int
-	Labels    []string
-	Buckets   []int64
-	Vecs      []int64 // len(Buckets) vectors, flattened
-	Totals    []int64
-}
-
-type markerEntity struct {
-	Partition int
-	ID        []byte
-	LastSeen  int64
-	Reached   []int64
-	Seen      []uint64
-	Dims      []string
-}
 
 type markerKey struct{ writer, seq uint64 }
 
@@ -468,17 +425,25 @@ func (s *ScaleOut) readDeltasFrom(ctx context.Context, pos int64) error {
 		return err
 	}
 	p2 := s.segments
+	var dec markerDecoder
 	for {
 		msg, err := r.FetchMessage(ctx)
 		if err != nil {
 			return err
 		}
-		m, err := decodeMarker(msg.Value)
-		if err != nil {
-			s.logger.Error("skipping an unreadable marker", "offset", msg.Offset, "err", err)
-			m = nil
+		// The deltas of a marker that will be rejected are not decoded,
+		// and those of one that will be accepted are decoded outside
+		// stage 2's mutex: only this goroutine changes what decides it.
+		m, rest, err := dec.header(msg.Value)
+		if err == nil && s.accepts(msg.Offset, m) {
+			err = dec.deltas(rest)
 		}
-		s.applyMarker(msg.Offset, m)
+		if err != nil {
+			// Skipped when its header is unreadable, rejected when its
+			// deltas are.
+			s.logger.Error("unreadable marker", "offset", msg.Offset, "err", err)
+		}
+		s.applyMarker(msg.Offset, m, err == nil)
 		s.readPos.Store(msg.Offset + 1)
 		if !s.caughtUp.Load() {
 			s.remaining.Store(max(s.startEnd-msg.Offset-1, 0))
@@ -491,59 +456,6 @@ func (s *ScaleOut) readDeltasFrom(ctx context.Context, pos int64) error {
 			_ = p2.flush(ctx, false, 2*p2.pendingLimit)
 		}
 	}
-}
-
-// A marker record's value is the length of the encoded entity states
-// (uvarint), the entity states (gob), then the rest of the marker (gob):
-// stage 2 skips the states without decoding them, a restore reads only
-// them.
-func encodeMarker(m *marker) ([]byte, error) {
-	var ents bytes.Buffer
-	if len(m.entities) > 0 {
-		if err := gob.NewEncoder(&ents).Encode(m.entities); err != nil {
-			return nil, fmt.Errorf("encode marker entities: %w", err)
-		}
-	}
-	buf := bytes.NewBuffer(binary.AppendUvarint(nil, uint64(ents.Len())))
-	buf.Write(ents.Bytes())
-	if err := gob.NewEncoder(buf).Encode(m); err != nil {
-		return nil, fmt.Errorf("encode marker: %w", err)
-	}
-	return buf.Bytes(), nil
-}
-
-// splitMarker returns the encoded entity states and the rest of a marker
-// record.
-func splitMarker(b []byte) (ents, rest []byte, err error) {
-	n, k := binary.Uvarint(b)
-	if k <= 0 || uint64(len(b)-k) < n {
-		return nil, nil, errors.New("decode marker: bad framing")
-	}
-	return b[k : k+int(n)], b[k+int(n):], nil
-}
-
-func decodeMarker(b []byte) (*marker, error) {
-	_, rest, err := splitMarker(b)
-	if err != nil {
-		return nil, err
-	}
-	m := &marker{}
-	if err := gob.NewDecoder(bytes.NewReader(rest)).Decode(m); err != nil {
-		return nil, fmt.Errorf("decode marker: %w", err)
-	}
-	return m, nil
-}
-
-// decodeEntities decodes the entity states of a marker.
-func decodeEntities(b []byte) ([]markerEntity, error) {
-	var es []markerEntity
-	if len(b) == 0 {
-		return nil, nil
-	}
-	if err := gob.NewDecoder(bytes.NewReader(b)).Decode(&es); err != nil {
-		return nil, fmt.Errorf("decode marker entities: %w", err)
-	}
-	return es, nil
 }
 
 // prepareMarker builds the marker of a stage-1 flush from what the flush
@@ -566,6 +478,11 @@ func (s *ScaleOut) prepareMarker(f *inflight, _ *store.Batch) {
 	}
 	for _, sg := range f.segments {
 		ms := markerSegment{Breakdown: sg.breakdown, Labels: sg.labels, Totals: slices.Clone(sg.totalsFlushing)}
+		// Not sorted: under the mutex, sorting the thousands of buckets
+		// of a catch-up flush costs more than the byte or two per bucket
+		// it would save in the record.
+		ms.Buckets = make([]int64, 0, len(sg.flushing))
+		ms.Vecs = make([]int64, 0, len(sg.flushing)*p.layout.vecLen)
 		for b, v := range sg.flushing {
 			ms.Buckets = append(ms.Buckets, b)
 			ms.Vecs = append(ms.Vecs, v...)
@@ -669,10 +586,37 @@ func (s *ScaleOut) sendMarker(ctx context.Context, b *store.Batch) error {
 	return nil
 }
 
+// accepts reports whether applyMarker would accept the marker m read at
+// offset off.
+func (s *ScaleOut) accepts(off int64, m *marker) bool {
+	p := s.segments
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	part := p.partition(s.topic, 0)
+	return (part.next < 0 || off >= part.next) && s.continues(m)
+}
+
+// continues reports whether every input range of m starts where the
+// accepted markers left its partition. It runs under stage 2's mutex.
+func (s *ScaleOut) continues(m *marker) bool {
+	for _, mp := range m.Parts {
+		from, seen := s.applied[store.TopicPartition{Topic: mp.Topic, Partition: mp.Partition}]
+		if !seen {
+			from = -1
+		}
+		if from != mp.From {
+			return false
+		}
+	}
+	return len(m.Parts) > 0
+}
+
 // applyMarker decides a marker read at offset off and, when it continues
 // the partitions it covers, applies its deltas to stage 2. Every replica
-// reads the same markers in the same order and so decides the same.
-func (s *ScaleOut) applyMarker(off int64, m *marker) {
+// reads the same markers in the same order and so decides the same. m is
+// nil when its header is unreadable; readable is false when its deltas
+// are, and then it is rejected.
+func (s *ScaleOut) applyMarker(off int64, m *marker, readable bool) {
 	p := s.segments
 	p.mu.Lock()
 	part := p.partition(s.topic, 0)
@@ -686,17 +630,7 @@ func (s *ScaleOut) applyMarker(off int64, m *marker) {
 		p.mu.Unlock()
 		return
 	}
-	ok := len(m.Parts) > 0
-	for _, mp := range m.Parts {
-		tp := store.TopicPartition{Topic: mp.Topic, Partition: mp.Partition}
-		from, seen := s.applied[tp]
-		if !seen {
-			from = -1
-		}
-		if from != mp.From {
-			ok = false
-		}
-	}
+	ok := readable && s.continues(m)
 	d := decision{accepted: ok}
 	if ok {
 		part.counts.applied++
@@ -928,6 +862,7 @@ func (s *ScaleOut) readEntityStates(ctx context.Context, plans []*restorePlan) (
 	if err := r.SetOffset(lo); err != nil {
 		return nil, 0, 0, err
 	}
+	var dec markerDecoder
 	for {
 		s.remaining.Store(hi - lo - read + 1)
 		msg, err := r.FetchMessage(ctx)
@@ -937,19 +872,13 @@ func (s *ScaleOut) readEntityStates(ctx context.Context, plans []*restorePlan) (
 		read++
 		size += int64(len(msg.Value))
 		if eps, ok := need[msg.Offset]; ok {
-			raw, _, err := splitMarker(msg.Value)
-			if err != nil {
-				return nil, read, size, err
-			}
-			es, err := decodeEntities(raw)
+			es, err := dec.entities(msg.Value, func(p int) bool { return slices.Contains(eps, p) })
 			if err != nil {
 				return nil, read, size, err
 			}
 			for i := range es {
 				e := &es[i]
-				if slices.Contains(eps, e.Partition) {
-					states[e.Partition][string(e.ID)] = e
-				}
+				states[e.Partition][string(e.ID)] = e
 			}
 		}
 		if msg.Offset >= hi {
