@@ -109,10 +109,15 @@ type Processor struct {
 	dirty    []uint32      // records of entities changed since the last flush
 	// combos are the distinct combinations of dimension values entities
 	// have, with their segments: an entity refers to one by index.
-	combos        []combo
-	comboIndex    map[string]uint32
-	evalRanges    []int  // the ranges evaluate reads
-	evalTaps      []*tap // their edges, for stepping through buckets
+	combos     []combo
+	comboIndex map[string]uint32
+	evalRanges []int  // the ranges evaluate reads
+	evalTaps   []*tap // their edges, for stepping through buckets
+	// cols groups the numbers the ranges read into per-segment columns;
+	// colsOn is false once a span did not fit them (see columns.go).
+	cols          *colLayout
+	colsOn        bool
+	colBuckets    []int64 // a segment's flushed buckets, sorted
 	vecs          vecArena
 	dict          *dictionary
 	segments      map[store.Segment]*segment
@@ -266,6 +271,8 @@ func New(cfg Config, st *store.Store, o Options) (*Processor, error) {
 	p.pendingLimit = max(1024, pendingBytes/int64(8*p.layout.vecLen))
 	p.flushNow = make(chan struct{}, 1)
 	p.evalRanges, p.evalTaps = p.layout.evalTaps()
+	p.cols, p.colsOn = newColLayout(p.layout), true
+	p.cols.tapOps(p.evalTaps)
 	if err := p.load(); err != nil {
 		return nil, fmt.Errorf("load state: %w", err)
 	}
@@ -940,10 +947,8 @@ func (p *Processor) flushLocked(ctx context.Context, sweep bool) error {
 	}
 	p.statusDirty = p.statusDirty[:0]
 	for _, s := range f.segments {
-		for b, v := range s.flushing {
-			if p.ownsSegments() {
-				p.addToRanges(s, b, v, +1)
-			}
+		if p.ownsSegments() {
+			p.foldFlushed(s)
 		}
 		s.clearFlushing()
 		for i, d := range s.totalsFlushing {
@@ -958,6 +963,9 @@ func (p *Processor) flushLocked(ctx context.Context, sweep bool) error {
 	var err error
 	if p.ownsSegments() {
 		err = p.advanceAndEvaluate(f.now)
+		if err == nil && p.colsOn {
+			p.colDrop()
+		}
 	}
 	p.sumsMu.Unlock()
 	if err != nil {

@@ -1,0 +1,449 @@
+package processor
+
+import (
+	"math"
+	"slices"
+
+	"github.com/funnelwatch/funnelwatch/store"
+)
+
+// Moving a range reads the buckets that enter and leave it. On the event
+// clock a catch-up moves the alerting ranges through every bucket boundary,
+// and reading those buckets back from Pebble once per range edge (26 edges
+// with the default steps) bounded a replay. So every segment keeps, for the
+// span of the ranges, the few numbers of each bucket the ranges' sums use
+// in memory: its columns. loadRanges fills them with its one scan, each
+// flush adds its committed deltas, and buckets that fall below every range
+// that reads them are dropped, so that moving a range reads memory.
+//
+// The vector indices are grouped by the ranges that read them (with the
+// default configuration: events, entities and values of the flow windows
+// over a week; entered and converted of each step over its horizon and
+// baseline weeks; entities of the first stage over the volume baselines),
+// and a group's column holds the buckets from the lowest bound of its
+// ranges up, sparse: a bucket whose numbers in the group are all zero takes
+// nothing. An entry is the bucket as an int32 offset from the column's base
+// and one int32 per index of the group; a number that does not fit (a sum
+// of values in thousandths, say) is kept exact in the segment's wide map.
+
+// colGroup is a set of vector indices read by the same ranges.
+type colGroup struct {
+	idx    []int // vector indices, in order
+	ranges []int // the ranges that read them
+	// from is the lowest bucket from which the columns of the group hold
+	// every stored bucket; a range move below it reads the store.
+	from int64
+}
+
+// colOp adds the value in slot of a column entry to sums[off].
+type colOp struct {
+	slot int
+	off  int
+	sign int64
+}
+
+// colLayout is the grouping of the vector indices into columns.
+type colLayout struct {
+	groups []colGroup
+	// need is, per range, the vector indices its sums are read at.
+	need [][]int
+	// ops is, per range and group, how an entry adds to the range's sums.
+	ops [][][]colOp
+}
+
+func newColLayout(l *layout) *colLayout {
+	need := make([][]bool, len(l.ranges))
+	for r := range need {
+		need[r] = make([]bool, l.vecLen)
+	}
+	for _, r := range l.flow {
+		for st := range l.stages {
+			need[r][l.events(st)] = true
+			need[r][l.entities(st)] = true
+			need[r][l.value(st)] = true
+		}
+	}
+	for t, sl := range l.steps {
+		rs := slices.Clone(sl.baseline)
+		for _, r := range sl.cohort {
+			rs = append(rs, r)
+		}
+		for _, r := range rs {
+			need[r][l.entered(t)] = true
+			need[r][l.converted(t)] = true
+		}
+	}
+	for _, r := range append([]int{l.volume.current}, l.volume.baseline...) {
+		need[r][l.entities(l.firstStage)] = true
+	}
+	c := &colLayout{need: make([][]int, len(l.ranges))}
+	byRanges := map[string]int{}
+	for i := range l.vecLen {
+		var rs []int
+		var key []byte
+		for r := range l.ranges {
+			if need[r][i] {
+				rs = append(rs, r)
+				key = append(key, byte(r), byte(r>>8))
+				c.need[r] = append(c.need[r], i)
+			}
+		}
+		if len(rs) == 0 {
+			continue
+		}
+		g, ok := byRanges[string(key)]
+		if !ok {
+			g = len(c.groups)
+			byRanges[string(key)] = g
+			c.groups = append(c.groups, colGroup{ranges: rs})
+		}
+		c.groups[g].idx = append(c.groups[g].idx, i)
+	}
+	c.ops = make([][][]colOp, len(l.ranges))
+	for r := range l.ranges {
+		c.ops[r] = make([][]colOp, len(c.groups))
+		for g, grp := range c.groups {
+			for slot, i := range grp.idx {
+				if need[r][i] {
+					c.ops[r][g] = append(c.ops[r][g], colOp{slot: slot, off: r*l.vecLen + i, sign: 1})
+				}
+			}
+		}
+	}
+	return c
+}
+
+// wideKey names a number of a column that does not fit an int32.
+type wideKey struct {
+	group, slot int
+	bucket      int64
+}
+
+// wideMark is the int32 of a number kept in the segment's wide map.
+const wideMark = math.MinInt32
+
+// column is one group's entries of one segment, in bucket order: per
+// entry, the bucket's offset from base, then the group's numbers.
+type column struct {
+	base  int64
+	start int // entries before start are dropped
+	data  []int32
+}
+
+func (c *column) len(stride int) int { return len(c.data)/stride - c.start }
+
+func (c *column) bucket(stride, e int) int64 {
+	return c.base + int64(c.data[(c.start+e)*stride])
+}
+
+// search returns the first entry at or after bucket b.
+func (c *column) search(stride int, b int64) int {
+	lo, hi := 0, c.len(stride)
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		if c.bucket(stride, m) < b {
+			lo = m + 1
+		} else {
+			hi = m
+		}
+	}
+	return lo
+}
+
+// colValue returns slot of entry e of group g's column.
+func (s *segment) colValue(g, stride, e, slot int) int64 {
+	c := &s.cols[g]
+	x := c.data[(c.start+e)*stride+1+slot]
+	if x != wideMark {
+		return int64(x)
+	}
+	return s.wide[wideKey{g, slot, c.bucket(stride, e)}]
+}
+
+// colAdd adds the committed delta v of bucket b to the segment's columns.
+// It reports false when a bucket offset does not fit an int32 (a span of
+// more than 2^31 buckets), and the columns cannot be used.
+func (p *Processor) colAdd(s *segment, b int64, v store.Vector) bool {
+	for g := range p.cols.groups {
+		grp := &p.cols.groups[g]
+		if b < grp.from {
+			continue // below every range that reads the group
+		}
+		zero := true
+		for _, i := range grp.idx {
+			if i < len(v) && v[i] != 0 {
+				zero = false
+				break
+			}
+		}
+		if zero {
+			continue
+		}
+		stride := 1 + len(grp.idx)
+		c := &s.cols[g]
+		n := c.len(stride)
+		e := n
+		if n > 0 && c.bucket(stride, n-1) >= b {
+			e = c.search(stride, b)
+		}
+		if e == n || c.bucket(stride, e) != b {
+			if !c.insert(stride, e, b) {
+				return false
+			}
+		}
+		at := (c.start+e)*stride + 1
+		for slot, i := range grp.idx {
+			if i >= len(v) || v[i] == 0 {
+				continue
+			}
+			d := v[i]
+			x := c.data[at+slot]
+			if x == wideMark {
+				s.wide[wideKey{g, slot, b}] += d
+				continue
+			}
+			sum := int64(x) + d
+			if sum > math.MinInt32 && sum <= math.MaxInt32 {
+				c.data[at+slot] = int32(sum)
+				continue
+			}
+			c.data[at+slot] = wideMark
+			if s.wide == nil {
+				s.wide = map[wideKey]int64{}
+			}
+			s.wide[wideKey{g, slot, b}] = sum
+		}
+	}
+	return true
+}
+
+// insert makes an entry of zeros for bucket b at entry e.
+func (c *column) insert(stride, e int, b int64) bool {
+	if c.len(stride) == 0 {
+		c.data, c.start, c.base = c.data[:0], 0, b
+	}
+	off := b - c.base
+	if off < math.MinInt32 || off > math.MaxInt32 {
+		// Rebase on the first entry; a span that still does not fit
+		// cannot be held.
+		first := c.bucket(stride, 0)
+		if b < first {
+			first = b
+		}
+		if b-first > math.MaxInt32 || c.bucket(stride, c.len(stride)-1)-first > math.MaxInt32 {
+			return false
+		}
+		for k := c.start * stride; k < len(c.data); k += stride {
+			c.data[k] = int32(c.base + int64(c.data[k]) - first)
+		}
+		c.base, off = first, b-first
+	}
+	at := (c.start + e) * stride
+	c.data = slices.Insert(c.data, at, make([]int32, stride)...)
+	c.data[at] = int32(off)
+	return true
+}
+
+// colDrop drops the entries below every range that reads their group, at
+// the current positions.
+func (p *Processor) colDrop() {
+	for g := range p.cols.groups {
+		grp := &p.cols.groups[g]
+		bound := int64(math.MaxInt64)
+		for _, r := range grp.ranges {
+			bound = min(bound, p.positions[r].lo)
+		}
+		if bound <= grp.from {
+			continue
+		}
+		grp.from = bound
+		stride := 1 + len(grp.idx)
+		for _, s := range p.segmentList {
+			c := &s.cols[g]
+			e := c.search(stride, bound)
+			if e == 0 {
+				continue
+			}
+			if s.wide != nil {
+				for k := range s.wide {
+					if k.group == g && k.bucket < bound {
+						delete(s.wide, k)
+					}
+				}
+			}
+			c.start += e
+			// Compact once the dropped entries are half of the column,
+			// so that dropping costs O(1) per entry.
+			if c.start*stride >= len(c.data)/2 {
+				n := copy(c.data, c.data[c.start*stride:])
+				c.data, c.start = c.data[:n], 0
+				if cap(c.data) > 1024 && n < cap(c.data)/4 {
+					c.data = slices.Clip(c.data)
+				}
+			}
+		}
+	}
+}
+
+// colCovers reports whether the columns hold every bucket of iv that
+// range r reads.
+func (p *Processor) colCovers(r int, iv position) bool {
+	if !p.colsOn {
+		return false
+	}
+	for g, ops := range p.cols.ops[r] {
+		if len(ops) > 0 && iv.lo < p.cols.groups[g].from {
+			return false
+		}
+	}
+	return true
+}
+
+// colScan adds (sign +1) or subtracts (-1) the buckets of iv to range r's
+// sums of every segment, from the columns.
+func (p *Processor) colScan(r int, iv position, sign int64) {
+	for g, ops := range p.cols.ops[r] {
+		if len(ops) == 0 {
+			continue
+		}
+		stride := 1 + len(p.cols.groups[g].idx)
+		for _, s := range p.segmentList {
+			c := &s.cols[g]
+			n := c.len(stride)
+			if n == 0 {
+				continue
+			}
+			for e := c.search(stride, iv.lo); e < n && c.bucket(stride, e) <= iv.hi; e++ {
+				for _, op := range ops {
+					s.sums[op.off] += sign * s.colValue(g, stride, e, op.slot)
+				}
+			}
+		}
+	}
+}
+
+// colReset empties every segment's columns and makes them complete from
+// bucket from: loadRanges then fills them from the store.
+func (p *Processor) colReset(from int64) {
+	for g := range p.cols.groups {
+		p.cols.groups[g].from = from
+	}
+	for _, s := range p.segmentList {
+		for g := range s.cols {
+			s.cols[g] = column{data: s.cols[g].data[:0]}
+		}
+		s.wide = nil
+	}
+}
+
+// colDisable stops using the columns: every range move reads the store.
+func (p *Processor) colDisable() {
+	p.colsOn = false
+	for _, s := range p.segmentList {
+		s.cols, s.wide = nil, nil
+	}
+}
+
+// foldFlushed adds the committed deltas of s to the sums of the ranges at
+// their current positions and to the segment's columns, in bucket order,
+// so that the buckets new to a column append to it.
+func (p *Processor) foldFlushed(s *segment) {
+	bs := p.colBuckets[:0]
+	for b := range s.flushing {
+		bs = append(bs, b)
+	}
+	slices.Sort(bs)
+	for _, b := range bs {
+		v := s.flushing[b]
+		p.addToRanges(s, b, v, +1)
+		if p.colsOn && !p.colAdd(s, b, v) {
+			p.colDisable()
+		}
+	}
+	p.colBuckets = bs[:0]
+}
+
+// tapOps sets, for every tap, the column groups its ranges read and how
+// an entry adds to their sums.
+func (c *colLayout) tapOps(taps []*tap) {
+	for _, t := range taps {
+		t.groups, t.ops = nil, nil
+		for g := range c.groups {
+			var ops []colOp
+			for _, sub := range t.subs {
+				for _, op := range c.ops[sub.r][g] {
+					op.sign = sub.sign
+					ops = append(ops, op)
+				}
+			}
+			if len(ops) > 0 {
+				t.groups = append(t.groups, g)
+				t.ops = append(t.ops, ops)
+			}
+		}
+	}
+}
+
+// stepColumns is step from the columns: each tap keeps, per segment and
+// column group, the entry it has reached. It reports false, having moved
+// nothing, when a tap would read below the columns.
+func (p *Processor) stepColumns(from, to int64) bool {
+	if !p.colsOn {
+		return false
+	}
+	for _, t := range p.evalTaps {
+		s := t.subs[0]
+		if pos := p.positions[s.r]; s.sign > 0 {
+			t.pos = pos.hi
+		} else {
+			t.pos = pos.lo - 1
+		}
+		for _, g := range t.groups {
+			if t.pos+1 < p.cols.groups[g].from {
+				return false
+			}
+		}
+	}
+	l := p.layout
+	bucket := p.bucketMs
+	for _, t := range p.evalTaps {
+		t.cursors = t.cursors[:0]
+		for _, s := range p.segmentList {
+			for _, g := range t.groups {
+				stride := 1 + len(p.cols.groups[g].idx)
+				t.cursors = append(t.cursors, s.cols[g].search(stride, t.pos+1))
+			}
+		}
+	}
+	for b := from; b <= to; b++ {
+		now := b * bucket
+		for _, t := range p.evalTaps {
+			target := t.at(now, bucket)
+			if target <= t.pos {
+				continue
+			}
+			k := 0
+			for _, s := range p.segmentList {
+				for gi, g := range t.groups {
+					c := &s.cols[g]
+					stride := 1 + len(p.cols.groups[g].idx)
+					e, n := t.cursors[k], c.len(stride)
+					for ; e < n && c.bucket(stride, e) <= target; e++ {
+						for _, op := range t.ops[gi] {
+							s.sums[op.off] += op.sign * s.colValue(g, stride, e, op.slot)
+						}
+					}
+					t.cursors[k] = e
+					k++
+				}
+			}
+			t.pos = target
+		}
+		for _, r := range p.evalRanges {
+			lo, hi := l.ranges[r].bounds(now, bucket)
+			p.positions[r] = position{lo, hi}
+		}
+		p.evaluate()
+	}
+	return true
+}
