@@ -160,9 +160,17 @@ func (s *segment) colValue(g, stride, e, slot int) int64 {
 	return s.wide[wideKey{g, slot, c.bucket(stride, e)}]
 }
 
+// colBudget bounds the bytes of the columns' entries. The columns hold at
+// most the buckets of the ranges' span that have records, which is bounded
+// by the configuration (segments, windows, horizons, baseline weeks); a
+// configuration whose columns would hold more (many segments with records
+// in most buckets) moves its ranges by reading the store, as without them.
+const colBudget = 256 << 20
+
 // colAdd adds the committed delta v of bucket b to the segment's columns.
 // It reports false when a bucket offset does not fit an int32 (a span of
-// more than 2^31 buckets), and the columns cannot be used.
+// more than 2^31 buckets) or the columns outgrow colBudget, and the columns
+// cannot be used.
 func (p *Processor) colAdd(s *segment, b int64, v store.Vector) bool {
 	for g := range p.cols.groups {
 		grp := &p.cols.groups[g]
@@ -188,6 +196,10 @@ func (p *Processor) colAdd(s *segment, b int64, v store.Vector) bool {
 		}
 		if e == n || c.bucket(stride, e) != b {
 			if !c.insert(stride, e, b) {
+				return false
+			}
+			p.colBytes += 4 * int64(stride)
+			if p.colBytes > p.colBudget {
 				return false
 			}
 		}
@@ -238,8 +250,10 @@ func (c *column) insert(stride, e int, b int64) bool {
 		}
 		c.base, off = first, b-first
 	}
-	at := (c.start + e) * stride
-	c.data = slices.Insert(c.data, at, make([]int32, stride)...)
+	at, n := (c.start+e)*stride, len(c.data)
+	c.data = slices.Grow(c.data, stride)[:n+stride]
+	copy(c.data[at+stride:], c.data[at:n])
+	clear(c.data[at : at+stride])
 	c.data[at] = int32(off)
 	return true
 }
@@ -272,6 +286,7 @@ func (p *Processor) colDrop() {
 				}
 			}
 			c.start += e
+			p.colBytes -= 4 * int64(stride*e)
 			// Compact once the dropped entries are half of the column,
 			// so that dropping costs O(1) per entry.
 			if c.start*stride >= len(c.data)/2 {
@@ -325,6 +340,7 @@ func (p *Processor) colScan(r int, iv position, sign int64) {
 // colReset empties every segment's columns and makes them complete from
 // bucket from: loadRanges then fills them from the store.
 func (p *Processor) colReset(from int64) {
+	p.colBytes = 0
 	for g := range p.cols.groups {
 		p.cols.groups[g].from = from
 	}
@@ -338,7 +354,7 @@ func (p *Processor) colReset(from int64) {
 
 // colDisable stops using the columns: every range move reads the store.
 func (p *Processor) colDisable() {
-	p.colsOn = false
+	p.colsOn, p.colBytes = false, 0
 	for _, s := range p.segmentList {
 		s.cols, s.wide = nil, nil
 	}

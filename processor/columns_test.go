@@ -23,9 +23,17 @@ import (
 // sums of the store's buckets at the range's position.
 func TestColumnsMatchStore(t *testing.T) {
 	for _, tc := range []struct {
-		name  string
-		clock string
-	}{{"event clock", ClockEvent}, {"wall clock", ClockWall}} {
+		name   string
+		clock  string
+		budget int64 // bytes of the columns, 0 for the default
+		weeks  int64 // of event time
+	}{
+		{"event clock", ClockEvent, 0, 7},
+		{"wall clock", ClockWall, 0, 7},
+		// Over the budget the columns are dropped and the ranges move
+		// by reading the store.
+		{"over budget", ClockEvent, 64 << 10, 3},
+	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := DefaultConfig()
 			cfg.Kafka.Topics = []TopicConfig{{Name: "events"}}
@@ -46,9 +54,12 @@ func TestColumnsMatchStore(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			if tc.budget > 0 {
+				p.colBudget = tc.budget
+			}
 			rng := rand.New(rand.NewPCG(5, 6))
 			sources := [][]byte{[]byte("ads"), []byte("seo"), []byte("mail"), nil}
-			span := (7 * 7 * 24 * time.Hour).Milliseconds()
+			span := tc.weeks * (7 * 24 * time.Hour).Milliseconds()
 			var off int64
 			b := &Batch{Topic: "events"}
 			ctx := context.Background()
@@ -95,8 +106,17 @@ func TestColumnsMatchStore(t *testing.T) {
 					if p, err = New(cfg, st, opts); err != nil {
 						t.Fatal(err)
 					}
+					if tc.budget > 0 {
+						p.colBudget = tc.budget
+					}
 					checkColumns(t, p, at+", restarted")
 				}
+			}
+			if tc.budget > 0 {
+				if p.colsOn {
+					t.Errorf("columns on with a budget of %d bytes", tc.budget)
+				}
+				return
 			}
 			if !p.colsOn {
 				t.Fatal("columns off")
@@ -115,9 +135,6 @@ func TestColumnsMatchStore(t *testing.T) {
 // checkColumns compares p's columns and range sums with the store.
 func checkColumns(t *testing.T, p *Processor, at string) {
 	t.Helper()
-	if !p.colsOn {
-		t.Fatalf("%s: columns off", at)
-	}
 	l := p.layout
 	vl := l.vecLen
 	// One scan from the lowest bound of the ranges and the columns up.
@@ -177,6 +194,9 @@ func checkColumns(t *testing.T, p *Processor, at string) {
 				}
 			}
 		}
+	}
+	if !p.colsOn {
+		return
 	}
 	total := 0
 	for g, grp := range p.cols.groups {

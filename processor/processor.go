@@ -118,6 +118,8 @@ type Processor struct {
 	cols          *colLayout
 	colsOn        bool
 	colBuckets    []int64 // a segment's flushed buckets, sorted
+	colBytes      int64   // of the columns' entries
+	colBudget     int64   // colBudget; tests lower it
 	vecs          vecArena
 	dict          *dictionary
 	segments      map[store.Segment]*segment
@@ -271,7 +273,7 @@ func New(cfg Config, st *store.Store, o Options) (*Processor, error) {
 	p.pendingLimit = max(1024, pendingBytes/int64(8*p.layout.vecLen))
 	p.flushNow = make(chan struct{}, 1)
 	p.evalRanges, p.evalTaps = p.layout.evalTaps()
-	p.cols, p.colsOn = newColLayout(p.layout), true
+	p.cols, p.colsOn, p.colBudget = newColLayout(p.layout), true, colBudget
 	p.cols.tapOps(p.evalTaps)
 	if err := p.load(); err != nil {
 		return nil, fmt.Errorf("load state: %w", err)
