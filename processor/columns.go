@@ -136,6 +136,14 @@ func (c *column) bucket(stride, e int) int64 {
 	return c.base + int64(c.data[(c.start+e)*stride])
 }
 
+// nextBucket is the bucket of entry e, or MaxInt64 past the last entry.
+func (c *column) nextBucket(stride, e int) int64 {
+	if e >= c.len(stride) {
+		return math.MaxInt64
+	}
+	return c.bucket(stride, e)
+}
+
 // search returns the first entry at or after bucket b.
 func (c *column) search(stride int, b int64) int {
 	lo, hi := 0, c.len(stride)
@@ -173,20 +181,30 @@ const colBudget = 256 << 20
 // cannot be used.
 func (p *Processor) colAdd(s *segment, b int64, v store.Vector) bool {
 	for g := range p.cols.groups {
-		grp := &p.cols.groups[g]
-		if b < grp.from {
-			continue // below every range that reads the group
+		if !p.colAddGroup(s, g, b, v) {
+			return false
 		}
-		zero := true
-		for _, i := range grp.idx {
-			if i < len(v) && v[i] != 0 {
-				zero = false
-				break
-			}
+	}
+	return true
+}
+
+// colAddGroup is colAdd for the column of group g.
+func (p *Processor) colAddGroup(s *segment, g int, b int64, v store.Vector) bool {
+	grp := &p.cols.groups[g]
+	if b < grp.from {
+		return true // below every range that reads the group
+	}
+	zero := true
+	for _, i := range grp.idx {
+		if i < len(v) && v[i] != 0 {
+			zero = false
+			break
 		}
-		if zero {
-			continue
-		}
+	}
+	if zero {
+		return true
+	}
+	{
 		stride := 1 + len(grp.idx)
 		c := &s.cols[g]
 		n := c.len(stride)
@@ -370,13 +388,88 @@ func (p *Processor) foldFlushed(s *segment) {
 	}
 	slices.Sort(bs)
 	for _, b := range bs {
-		v := s.flushing[b]
-		p.addToRanges(s, b, v, +1)
-		if p.colsOn && !p.colAdd(s, b, v) {
-			p.colDisable()
+		p.addToRanges(s, b, s.flushing[b], +1)
+	}
+	if p.colsOn {
+		for g := range p.cols.groups {
+			if !p.colMerge(s, g, bs) {
+				p.colDisable()
+				break
+			}
 		}
 	}
 	p.colBuckets = bs[:0]
+}
+
+// colMerge adds the flushed deltas of s at buckets bs (sorted) to its
+// column of group g. The records of a catch-up come from partitions at
+// different event times, so a flush's buckets can fall before the last
+// one a column holds: it makes room for all the new entries at once,
+// moving the column's tail once, then adds.
+func (p *Processor) colMerge(s *segment, g int, bs []int64) bool {
+	grp := &p.cols.groups[g]
+	stride := 1 + len(grp.idx)
+	c := &s.cols[g]
+	nonzero := func(v store.Vector) bool {
+		for _, i := range grp.idx {
+			if i < len(v) && v[i] != 0 {
+				return true
+			}
+		}
+		return false
+	}
+	// The buckets new to the column, before its last entry.
+	ins := p.colInserts[:0]
+	defer func() { p.colInserts = ins[:0] }()
+	n := c.len(stride)
+	if n > 0 {
+		last := c.bucket(stride, n-1)
+		e := 0
+		for _, b := range bs {
+			if b >= last {
+				break
+			}
+			if b < grp.from || !nonzero(s.flushing[b]) {
+				continue
+			}
+			e += c.search(stride, b) - e
+			if c.bucket(stride, e) != b {
+				ins = append(ins, b)
+			}
+		}
+	}
+	if len(ins) > 0 && ins[0]-c.base >= math.MinInt32 && c.bucket(stride, n-1)-c.base <= math.MaxInt32 {
+		k := len(ins)
+		old := len(c.data)
+		c.data = slices.Grow(c.data, k*stride)[:old+k*stride]
+		// Merge from the back: entries at or after c.start.
+		i, j, w := n-1, k-1, c.start+n+k-1
+		for j >= 0 {
+			if i >= 0 && c.bucket(stride, i) > ins[j] {
+				copy(c.data[w*stride:(w+1)*stride], c.data[(c.start+i)*stride:(c.start+i+1)*stride])
+				i--
+			} else {
+				clear(c.data[w*stride : (w+1)*stride])
+				c.data[w*stride] = int32(ins[j] - c.base)
+				j--
+			}
+			w--
+		}
+		p.colBytes += 4 * int64(k*stride)
+		if p.colBytes > p.colBudget {
+			return false
+		}
+	}
+	for _, b := range bs {
+		v := s.flushing[b]
+		if b < grp.from || !nonzero(v) {
+			continue
+		}
+		if !p.colAddGroup(s, g, b, v) {
+			return false
+		}
+	}
+	return true
 }
 
 // tapOps sets, for every tap, the column groups its ranges read and how
@@ -423,11 +516,14 @@ func (p *Processor) stepColumns(from, to int64) bool {
 	l := p.layout
 	bucket := p.bucketMs
 	for _, t := range p.evalTaps {
-		t.cursors = t.cursors[:0]
+		t.cursors, t.next = t.cursors[:0], t.next[:0]
 		for _, s := range p.segmentList {
 			for _, g := range t.groups {
 				stride := 1 + len(p.cols.groups[g].idx)
-				t.cursors = append(t.cursors, s.cols[g].search(stride, t.pos+1))
+				c := &s.cols[g]
+				e := c.search(stride, t.pos+1)
+				t.cursors = append(t.cursors, e)
+				t.next = append(t.next, c.nextBucket(stride, e))
 			}
 		}
 	}
@@ -438,9 +534,16 @@ func (p *Processor) stepColumns(from, to int64) bool {
 			if target <= t.pos {
 				continue
 			}
+			// Most cursors have no entry to pass at a boundary: their
+			// next buckets, side by side, tell without reading the
+			// columns.
 			k := 0
 			for _, s := range p.segmentList {
 				for gi, g := range t.groups {
+					if t.next[k] > target {
+						k++
+						continue
+					}
 					c := &s.cols[g]
 					stride := 1 + len(p.cols.groups[g].idx)
 					e, n := t.cursors[k], c.len(stride)
@@ -449,7 +552,7 @@ func (p *Processor) stepColumns(from, to int64) bool {
 							s.sums[op.off] += op.sign * s.colValue(g, stride, e, op.slot)
 						}
 					}
-					t.cursors[k] = e
+					t.cursors[k], t.next[k] = e, c.nextBucket(stride, e)
 					k++
 				}
 			}

@@ -119,6 +119,7 @@ type Processor struct {
 	colsOn        bool
 	colBuckets    []int64 // a segment's flushed buckets, sorted
 	colBytes      int64   // of the columns' entries
+	colInserts    []int64 // scratch of colMerge
 	colBudget     int64   // colBudget; tests lower it
 	vecs          vecArena
 	dict          *dictionary

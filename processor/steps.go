@@ -39,6 +39,7 @@ type tap struct {
 	groups  []int
 	ops     [][]colOp
 	cursors []int
+	next    []int64 // bucket of the entry at each cursor
 }
 
 // tapSub is a range a tap adds to (sign +1, its upper edge) or subtracts
