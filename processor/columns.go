@@ -204,45 +204,43 @@ func (p *Processor) colAddGroup(s *segment, g int, b int64, v store.Vector) bool
 	if zero {
 		return true
 	}
-	{
-		stride := 1 + len(grp.idx)
-		c := &s.cols[g]
-		n := c.len(stride)
-		e := n
-		if n > 0 && c.bucket(stride, n-1) >= b {
-			e = c.search(stride, b)
+	stride := 1 + len(grp.idx)
+	c := &s.cols[g]
+	n := c.len(stride)
+	e := n
+	if n > 0 && c.bucket(stride, n-1) >= b {
+		e = c.search(stride, b)
+	}
+	if e == n || c.bucket(stride, e) != b {
+		if !c.insert(stride, e, b) {
+			return false
 		}
-		if e == n || c.bucket(stride, e) != b {
-			if !c.insert(stride, e, b) {
-				return false
-			}
-			p.colBytes += 4 * int64(stride)
-			if p.colBytes > p.colBudget {
-				return false
-			}
+		p.colBytes += 4 * int64(stride)
+		if p.colBytes > p.colBudget {
+			return false
 		}
-		at := (c.start+e)*stride + 1
-		for slot, i := range grp.idx {
-			if i >= len(v) || v[i] == 0 {
-				continue
-			}
-			d := v[i]
-			x := c.data[at+slot]
-			if x == wideMark {
-				s.wide[wideKey{g, slot, b}] += d
-				continue
-			}
-			sum := int64(x) + d
-			if sum > math.MinInt32 && sum <= math.MaxInt32 {
-				c.data[at+slot] = int32(sum)
-				continue
-			}
-			c.data[at+slot] = wideMark
-			if s.wide == nil {
-				s.wide = map[wideKey]int64{}
-			}
-			s.wide[wideKey{g, slot, b}] = sum
+	}
+	at := (c.start+e)*stride + 1
+	for slot, i := range grp.idx {
+		if i >= len(v) || v[i] == 0 {
+			continue
 		}
+		d := v[i]
+		x := c.data[at+slot]
+		if x == wideMark {
+			s.wide[wideKey{g, slot, b}] += d
+			continue
+		}
+		sum := int64(x) + d
+		if sum > math.MinInt32 && sum <= math.MaxInt32 {
+			c.data[at+slot] = int32(sum)
+			continue
+		}
+		c.data[at+slot] = wideMark
+		if s.wide == nil {
+			s.wide = map[wideKey]int64{}
+		}
+		s.wide[wideKey{g, slot, b}] = sum
 	}
 	return true
 }
