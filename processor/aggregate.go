@@ -31,6 +31,12 @@ type segment struct {
 	totals      []int64 // all-time events per stage
 	totalsDelta []int64
 
+	// cols are the numbers the ranges read of the buckets in their span,
+	// per column group (see columns.go); wide holds those that do not fit
+	// a column's int32.
+	cols []column
+	wide map[wideKey]int64
+
 	status []bool // degraded flag per alerting step, then volume
 	eval   []stepEval
 	vol    volumeEval
@@ -71,6 +77,9 @@ func (p *Processor) newSegment(key store.Segment) *segment {
 		totalsDelta:    make([]int64, l.stages),
 		status:         make([]bool, l.alertingSteps()+1),
 		eval:           make([]stepEval, len(l.steps)),
+	}
+	if p.colsOn {
+		s.cols = make([]column, len(p.cols.groups))
 	}
 	ids := key.IDs()
 	for i, dim := range p.breakdownDims[bd] {
@@ -178,9 +187,9 @@ func (p *Processor) addToRanges(s *segment, b int64, v store.Vector, sign int64)
 			continue
 		}
 		sums := s.sums[r*l.vecLen : (r+1)*l.vecLen]
-		for i, x := range v {
-			if i < len(sums) {
-				sums[i] += sign * x
+		for _, i := range p.cols.need[r] {
+			if i < len(v) {
+				sums[i] += sign * v[i]
 			}
 		}
 	}
@@ -189,9 +198,9 @@ func (p *Processor) addToRanges(s *segment, b int64, v store.Vector, sign int64)
 type position struct{ lo, hi int64 }
 
 // advance moves every range to the positions of now, adding the buckets
-// that enter a range and subtracting the ones that leave it, read back from
-// the store. It must run right after a commit, so the store holds every
-// bucket the sums hold.
+// that enter a range and subtracting the ones that leave it, read from the
+// columns or, below them, back from the store. It must run right after a
+// commit, so the store and the columns hold every bucket the sums hold.
 func (p *Processor) advance(now int64) error {
 	l := p.layout
 	for r, spec := range l.ranges {
@@ -209,12 +218,12 @@ func (p *Processor) advance(now int64) error {
 			sub = minus(old, next)
 		}
 		for _, iv := range sub {
-			if err := p.scanInto(r, iv, -1); err != nil {
+			if err := p.moveRange(r, iv, -1); err != nil {
 				return err
 			}
 		}
 		for _, iv := range add {
-			if err := p.scanInto(r, iv, +1); err != nil {
+			if err := p.moveRange(r, iv, +1); err != nil {
 				return err
 			}
 		}
@@ -239,23 +248,35 @@ func minus(a, b position) []position {
 	return out
 }
 
+// moveRange adds (sign +1) or subtracts (-1) the buckets of iv to range
+// r's sums, from the columns when they hold iv.
+func (p *Processor) moveRange(r int, iv position, sign int64) error {
+	if p.colCovers(r, iv) {
+		p.colScan(r, iv, sign)
+		return nil
+	}
+	return p.scanInto(r, iv, sign)
+}
+
 func (p *Processor) scanInto(r int, iv position, sign int64) error {
-	// A range never reaches below retention, so clamp to it: older buckets
-	// are gone or about to be.
 	vl := p.layout.vecLen
+	need := p.cols.need[r]
 	return p.st.Buckets(iv.lo, iv.hi, func(_ int64, key []byte, v store.Vector) {
 		s := p.segmentFor(key)
 		sums := s.sums[r*vl : (r+1)*vl]
-		for i, x := range v {
-			if i < vl {
-				sums[i] += sign * x
+		for _, i := range need {
+			if i < len(v) {
+				sums[i] += sign * v[i]
 			}
 		}
 	})
 }
 
 // loadRanges computes every range's sums from the store in one scan over
-// the union of the ranges, for start-up.
+// the union of the ranges, for start-up, and fills the columns from the
+// same scan: it reads on to the newest bucket, since the buckets above the
+// ranges (the cohorts not yet mature, records ahead of the clock) enter
+// them later.
 func (p *Processor) loadRanges(now int64) error {
 	l := p.layout
 	lo, hi := int64(math.MaxInt64), int64(math.MinInt64)
@@ -268,9 +289,31 @@ func (p *Processor) loadRanges(now int64) error {
 	for _, s := range p.segmentList {
 		clear(s.sums)
 	}
-	return p.st.Buckets(lo, hi, func(b int64, key []byte, v store.Vector) {
-		p.addToRanges(p.segmentFor(key), b, v, +1)
+	if !p.colsOn {
+		return p.st.Buckets(lo, hi, func(b int64, key []byte, v store.Vector) {
+			p.addToRanges(p.segmentFor(key), b, v, +1)
+		})
+	}
+	p.colReset(lo)
+	fits := true
+	err := p.st.Buckets(lo, math.MaxInt64, func(b int64, key []byte, v store.Vector) {
+		s := p.segmentFor(key)
+		if b <= hi {
+			p.addToRanges(s, b, v, +1)
+		}
+		if fits {
+			fits = p.colAdd(s, b, v)
+		}
 	})
+	if err != nil {
+		return err
+	}
+	if !fits {
+		p.colDisable()
+		return nil
+	}
+	p.colDrop()
+	return nil
 }
 
 // evaluate runs degradation and volume detection (SPEC §3) on every

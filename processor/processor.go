@@ -111,10 +111,18 @@ type Processor struct {
 	dirty    []uint32      // records of entities changed since the last flush
 	// combos are the distinct combinations of dimension values entities
 	// have, with their segments: an entity refers to one by index.
-	combos        []combo
-	comboIndex    map[string]uint32
-	evalRanges    []int  // the ranges evaluate reads
-	evalTaps      []*tap // their edges, for stepping through buckets
+	combos     []combo
+	comboIndex map[string]uint32
+	evalRanges []int  // the ranges evaluate reads
+	evalTaps   []*tap // their edges, for stepping through buckets
+	// cols groups the numbers the ranges read into per-segment columns;
+	// colsOn is false once a span did not fit them (see columns.go).
+	cols          *colLayout
+	colsOn        bool
+	colBuckets    []int64 // a segment's flushed buckets, sorted
+	colBytes      int64   // of the columns' entries
+	colInserts    []int64 // scratch of colMerge
+	colBudget     int64   // colBudget; tests lower it
 	vecs          vecArena
 	dict          *dictionary
 	segments      map[store.Segment]*segment
@@ -272,6 +280,8 @@ func New(cfg Config, st *store.Store, o Options) (*Processor, error) {
 	p.pendingLimit = max(pendingBudget, 1024*p.vecBytes)
 	p.flushNow = make(chan struct{}, 1)
 	p.evalRanges, p.evalTaps = p.layout.evalTaps()
+	p.cols, p.colsOn, p.colBudget = newColLayout(p.layout), true, colBudget
+	p.cols.tapOps(p.evalTaps)
 	if err := p.load(); err != nil {
 		return nil, fmt.Errorf("load state: %w", err)
 	}
@@ -950,10 +960,8 @@ func (p *Processor) flushLocked(ctx context.Context, sweep bool) error {
 	}
 	p.statusDirty = p.statusDirty[:0]
 	for _, s := range f.segments {
-		for b, v := range s.flushing {
-			if p.ownsSegments() {
-				p.addToRanges(s, b, v, +1)
-			}
+		if p.ownsSegments() {
+			p.foldFlushed(s)
 		}
 		s.clearFlushing()
 		for i, d := range s.totalsFlushing {
@@ -968,6 +976,9 @@ func (p *Processor) flushLocked(ctx context.Context, sweep bool) error {
 	var err error
 	if p.ownsSegments() {
 		err = p.advanceAndEvaluate(f.now)
+		if err == nil && p.colsOn {
+			p.colDrop()
+		}
 	}
 	p.sumsMu.Unlock()
 	if err != nil {

@@ -33,6 +33,13 @@ type tap struct {
 	subs   []tapSub
 	pos    int64 // buckets up to pos are in the subscribers' sums
 	cur    *store.BucketCursor
+	// groups are the column groups the subscribers read, ops how an
+	// entry of each adds to their sums, and cursors the entry reached per
+	// segment and group (see stepColumns).
+	groups  []int
+	ops     [][]colOp
+	cursors []int
+	next    []int64 // bucket of the entry at each cursor
 }
 
 // tapSub is a range a tap adds to (sign +1, its upper edge) or subtracts
@@ -107,6 +114,9 @@ func (p *Processor) step(from, to int64) error {
 	if from > to {
 		return nil
 	}
+	if p.stepColumns(from, to) {
+		return nil
+	}
 	l := p.layout
 	bucket := p.bucketMs
 	var errs []error
@@ -152,9 +162,9 @@ func (p *Processor) step(from, to int64) error {
 				v := c.Vector()
 				for _, s := range t.subs {
 					sums := seg.sums[s.r*vl : (s.r+1)*vl]
-					for i, x := range v {
-						if i < vl {
-							sums[i] += s.sign * x
+					for _, i := range p.cols.need[s.r] {
+						if i < len(v) {
+							sums[i] += s.sign * v[i]
 						}
 					}
 				}

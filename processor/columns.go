@@ -1,0 +1,566 @@
+package processor
+
+import (
+	"math"
+	"slices"
+
+	"github.com/funnelwatch/funnelwatch/store"
+)
+
+// Moving a range reads the buckets that enter and leave it. On the event
+// clock a catch-up moves the alerting ranges through every bucket boundary,
+// and reading those buckets back from Pebble once per range edge (26 edges
+// with the default steps) bounded a replay. So every segment keeps, for the
+// span of the ranges, the few numbers of each bucket the ranges' sums use
+// in memory: its columns. loadRanges fills them with its one scan, each
+// flush adds its committed deltas, and buckets that fall below every range
+// that reads them are dropped, so that moving a range reads memory.
+//
+// The vector indices are grouped by the ranges that read them (with the
+// default configuration: events, entities and values of the flow windows
+// over a week; entered and converted of each step over its horizon and
+// baseline weeks; entities of the first stage over the volume baselines),
+// and a group's column holds the buckets from the lowest bound of its
+// ranges up, sparse: a bucket whose numbers in the group are all zero takes
+// nothing. An entry is the bucket as an int32 offset from the column's base
+// and one int32 per index of the group; a number that does not fit (a sum
+// of values in thousandths, say) is kept exact in the segment's wide map.
+
+// colGroup is a set of vector indices read by the same ranges.
+type colGroup struct {
+	idx    []int // vector indices, in order
+	ranges []int // the ranges that read them
+	// from is the lowest bucket from which the columns of the group hold
+	// every stored bucket; a range move below it reads the store.
+	from int64
+}
+
+// colOp adds the value in slot of a column entry to sums[off].
+type colOp struct {
+	slot int
+	off  int
+	sign int64
+}
+
+// colLayout is the grouping of the vector indices into columns.
+type colLayout struct {
+	groups []colGroup
+	// need is, per range, the vector indices its sums are read at.
+	need [][]int
+	// ops is, per range and group, how an entry adds to the range's sums.
+	ops [][][]colOp
+}
+
+func newColLayout(l *layout) *colLayout {
+	need := make([][]bool, len(l.ranges))
+	for r := range need {
+		need[r] = make([]bool, l.vecLen)
+	}
+	for _, r := range l.flow {
+		for st := range l.stages {
+			need[r][l.events(st)] = true
+			need[r][l.entities(st)] = true
+			need[r][l.value(st)] = true
+		}
+	}
+	for t, sl := range l.steps {
+		rs := slices.Clone(sl.baseline)
+		for _, r := range sl.cohort {
+			rs = append(rs, r)
+		}
+		for _, r := range rs {
+			need[r][l.entered(t)] = true
+			need[r][l.converted(t)] = true
+		}
+	}
+	for _, r := range append([]int{l.volume.current}, l.volume.baseline...) {
+		need[r][l.entities(l.firstStage)] = true
+	}
+	c := &colLayout{need: make([][]int, len(l.ranges))}
+	byRanges := map[string]int{}
+	for i := range l.vecLen {
+		var rs []int
+		var key []byte
+		for r := range l.ranges {
+			if need[r][i] {
+				rs = append(rs, r)
+				key = append(key, byte(r), byte(r>>8))
+				c.need[r] = append(c.need[r], i)
+			}
+		}
+		if len(rs) == 0 {
+			continue
+		}
+		g, ok := byRanges[string(key)]
+		if !ok {
+			g = len(c.groups)
+			byRanges[string(key)] = g
+			c.groups = append(c.groups, colGroup{ranges: rs})
+		}
+		c.groups[g].idx = append(c.groups[g].idx, i)
+	}
+	c.ops = make([][][]colOp, len(l.ranges))
+	for r := range l.ranges {
+		c.ops[r] = make([][]colOp, len(c.groups))
+		for g, grp := range c.groups {
+			for slot, i := range grp.idx {
+				if need[r][i] {
+					c.ops[r][g] = append(c.ops[r][g], colOp{slot: slot, off: r*l.vecLen + i, sign: 1})
+				}
+			}
+		}
+	}
+	return c
+}
+
+// wideKey names a number of a column that does not fit an int32.
+type wideKey struct {
+	group, slot int
+	bucket      int64
+}
+
+// wideMark is the int32 of a number kept in the segment's wide map.
+const wideMark = math.MinInt32
+
+// column is one group's entries of one segment, in bucket order: per
+// entry, the bucket's offset from base, then the group's numbers.
+type column struct {
+	base  int64
+	start int // entries before start are dropped
+	data  []int32
+}
+
+func (c *column) len(stride int) int { return len(c.data)/stride - c.start }
+
+func (c *column) bucket(stride, e int) int64 {
+	return c.base + int64(c.data[(c.start+e)*stride])
+}
+
+// nextBucket is the bucket of entry e, or MaxInt64 past the last entry.
+func (c *column) nextBucket(stride, e int) int64 {
+	if e >= c.len(stride) {
+		return math.MaxInt64
+	}
+	return c.bucket(stride, e)
+}
+
+// search returns the first entry at or after bucket b.
+func (c *column) search(stride int, b int64) int {
+	lo, hi := 0, c.len(stride)
+	for lo < hi {
+		m := int(uint(lo+hi) >> 1)
+		if c.bucket(stride, m) < b {
+			lo = m + 1
+		} else {
+			hi = m
+		}
+	}
+	return lo
+}
+
+// colValue returns slot of entry e of group g's column.
+func (s *segment) colValue(g, stride, e, slot int) int64 {
+	c := &s.cols[g]
+	x := c.data[(c.start+e)*stride+1+slot]
+	if x != wideMark {
+		return int64(x)
+	}
+	return s.wide[wideKey{g, slot, c.bucket(stride, e)}]
+}
+
+// colBudget bounds the bytes of the columns' entries. The columns hold at
+// most the buckets of the ranges' span that have records, which is bounded
+// by the configuration (segments, windows, horizons, baseline weeks); a
+// configuration whose columns would hold more (many segments with records
+// in most buckets) moves its ranges by reading the store, as without them.
+const colBudget = 256 << 20
+
+// colAdd adds the committed delta v of bucket b to the segment's columns.
+// It reports false when a bucket offset does not fit an int32 (a span of
+// more than 2^31 buckets) or the columns outgrow colBudget, and the columns
+// cannot be used.
+func (p *Processor) colAdd(s *segment, b int64, v store.Vector) bool {
+	for g := range p.cols.groups {
+		if !p.colAddGroup(s, g, b, v) {
+			return false
+		}
+	}
+	return true
+}
+
+// colAddGroup is colAdd for the column of group g.
+func (p *Processor) colAddGroup(s *segment, g int, b int64, v store.Vector) bool {
+	grp := &p.cols.groups[g]
+	if b < grp.from {
+		return true // below every range that reads the group
+	}
+	zero := true
+	for _, i := range grp.idx {
+		if i < len(v) && v[i] != 0 {
+			zero = false
+			break
+		}
+	}
+	if zero {
+		return true
+	}
+	stride := 1 + len(grp.idx)
+	c := &s.cols[g]
+	n := c.len(stride)
+	e := n
+	if n > 0 && c.bucket(stride, n-1) >= b {
+		e = c.search(stride, b)
+	}
+	if e == n || c.bucket(stride, e) != b {
+		if !c.insert(stride, e, b) {
+			return false
+		}
+		p.colBytes += 4 * int64(stride)
+		if p.colBytes > p.colBudget {
+			return false
+		}
+	}
+	at := (c.start+e)*stride + 1
+	for slot, i := range grp.idx {
+		if i >= len(v) || v[i] == 0 {
+			continue
+		}
+		d := v[i]
+		x := c.data[at+slot]
+		if x == wideMark {
+			s.wide[wideKey{g, slot, b}] += d
+			continue
+		}
+		sum := int64(x) + d
+		if sum > math.MinInt32 && sum <= math.MaxInt32 {
+			c.data[at+slot] = int32(sum)
+			continue
+		}
+		c.data[at+slot] = wideMark
+		if s.wide == nil {
+			s.wide = map[wideKey]int64{}
+		}
+		s.wide[wideKey{g, slot, b}] = sum
+	}
+	return true
+}
+
+// insert makes an entry of zeros for bucket b at entry e.
+func (c *column) insert(stride, e int, b int64) bool {
+	if c.len(stride) == 0 {
+		c.data, c.start, c.base = c.data[:0], 0, b
+	}
+	off := b - c.base
+	if off < math.MinInt32 || off > math.MaxInt32 {
+		// Rebase on the first entry; a span that still does not fit
+		// cannot be held.
+		first := c.bucket(stride, 0)
+		if b < first {
+			first = b
+		}
+		if b-first > math.MaxInt32 || c.bucket(stride, c.len(stride)-1)-first > math.MaxInt32 {
+			return false
+		}
+		for k := c.start * stride; k < len(c.data); k += stride {
+			c.data[k] = int32(c.base + int64(c.data[k]) - first)
+		}
+		c.base, off = first, b-first
+	}
+	at, n := (c.start+e)*stride, len(c.data)
+	c.data = slices.Grow(c.data, stride)[:n+stride]
+	copy(c.data[at+stride:], c.data[at:n])
+	clear(c.data[at : at+stride])
+	c.data[at] = int32(off)
+	return true
+}
+
+// colDrop drops the entries below every range that reads their group, at
+// the current positions.
+func (p *Processor) colDrop() {
+	for g := range p.cols.groups {
+		grp := &p.cols.groups[g]
+		bound := int64(math.MaxInt64)
+		for _, r := range grp.ranges {
+			bound = min(bound, p.positions[r].lo)
+		}
+		if bound <= grp.from {
+			continue
+		}
+		grp.from = bound
+		stride := 1 + len(grp.idx)
+		for _, s := range p.segmentList {
+			c := &s.cols[g]
+			e := c.search(stride, bound)
+			if e == 0 {
+				continue
+			}
+			if s.wide != nil {
+				for k := range s.wide {
+					if k.group == g && k.bucket < bound {
+						delete(s.wide, k)
+					}
+				}
+			}
+			c.start += e
+			p.colBytes -= 4 * int64(stride*e)
+			// Compact once the dropped entries are half of the column,
+			// so that dropping costs O(1) per entry.
+			if c.start*stride >= len(c.data)/2 {
+				n := copy(c.data, c.data[c.start*stride:])
+				c.data, c.start = c.data[:n], 0
+				if cap(c.data) > 1024 && n < cap(c.data)/4 {
+					c.data = slices.Clip(c.data)
+				}
+			}
+		}
+	}
+}
+
+// colCovers reports whether the columns hold every bucket of iv that
+// range r reads.
+func (p *Processor) colCovers(r int, iv position) bool {
+	if !p.colsOn {
+		return false
+	}
+	for g, ops := range p.cols.ops[r] {
+		if len(ops) > 0 && iv.lo < p.cols.groups[g].from {
+			return false
+		}
+	}
+	return true
+}
+
+// colScan adds (sign +1) or subtracts (-1) the buckets of iv to range r's
+// sums of every segment, from the columns.
+func (p *Processor) colScan(r int, iv position, sign int64) {
+	for g, ops := range p.cols.ops[r] {
+		if len(ops) == 0 {
+			continue
+		}
+		stride := 1 + len(p.cols.groups[g].idx)
+		for _, s := range p.segmentList {
+			c := &s.cols[g]
+			n := c.len(stride)
+			if n == 0 {
+				continue
+			}
+			for e := c.search(stride, iv.lo); e < n && c.bucket(stride, e) <= iv.hi; e++ {
+				for _, op := range ops {
+					s.sums[op.off] += sign * s.colValue(g, stride, e, op.slot)
+				}
+			}
+		}
+	}
+}
+
+// colReset empties every segment's columns and makes them complete from
+// bucket from: loadRanges then fills them from the store.
+func (p *Processor) colReset(from int64) {
+	p.colBytes = 0
+	for g := range p.cols.groups {
+		p.cols.groups[g].from = from
+	}
+	for _, s := range p.segmentList {
+		for g := range s.cols {
+			s.cols[g] = column{data: s.cols[g].data[:0]}
+		}
+		s.wide = nil
+	}
+}
+
+// colDisable stops using the columns: every range move reads the store.
+func (p *Processor) colDisable() {
+	p.colsOn, p.colBytes = false, 0
+	for _, s := range p.segmentList {
+		s.cols, s.wide = nil, nil
+	}
+}
+
+// foldFlushed adds the committed deltas of s to the sums of the ranges at
+// their current positions and to the segment's columns, in bucket order,
+// so that the buckets new to a column append to it.
+func (p *Processor) foldFlushed(s *segment) {
+	bs := p.colBuckets[:0]
+	for b := range s.flushing {
+		bs = append(bs, b)
+	}
+	slices.Sort(bs)
+	for _, b := range bs {
+		p.addToRanges(s, b, s.flushing[b], +1)
+	}
+	if p.colsOn {
+		for g := range p.cols.groups {
+			if !p.colMerge(s, g, bs) {
+				p.colDisable()
+				break
+			}
+		}
+	}
+	p.colBuckets = bs[:0]
+}
+
+// colMerge adds the flushed deltas of s at buckets bs (sorted) to its
+// column of group g. The records of a catch-up come from partitions at
+// different event times, so a flush's buckets can fall before the last
+// one a column holds: it makes room for all the new entries at once,
+// moving the column's tail once, then adds.
+func (p *Processor) colMerge(s *segment, g int, bs []int64) bool {
+	grp := &p.cols.groups[g]
+	stride := 1 + len(grp.idx)
+	c := &s.cols[g]
+	nonzero := func(v store.Vector) bool {
+		for _, i := range grp.idx {
+			if i < len(v) && v[i] != 0 {
+				return true
+			}
+		}
+		return false
+	}
+	// The buckets new to the column, before its last entry.
+	ins := p.colInserts[:0]
+	defer func() { p.colInserts = ins[:0] }()
+	n := c.len(stride)
+	if n > 0 {
+		last := c.bucket(stride, n-1)
+		e := 0
+		for _, b := range bs {
+			if b >= last {
+				break
+			}
+			if b < grp.from || !nonzero(s.flushing[b]) {
+				continue
+			}
+			e += c.search(stride, b) - e
+			if c.bucket(stride, e) != b {
+				ins = append(ins, b)
+			}
+		}
+	}
+	if len(ins) > 0 && ins[0]-c.base >= math.MinInt32 && c.bucket(stride, n-1)-c.base <= math.MaxInt32 {
+		k := len(ins)
+		old := len(c.data)
+		c.data = slices.Grow(c.data, k*stride)[:old+k*stride]
+		// Merge from the back: entries at or after c.start.
+		i, j, w := n-1, k-1, c.start+n+k-1
+		for j >= 0 {
+			if i >= 0 && c.bucket(stride, i) > ins[j] {
+				copy(c.data[w*stride:(w+1)*stride], c.data[(c.start+i)*stride:(c.start+i+1)*stride])
+				i--
+			} else {
+				clear(c.data[w*stride : (w+1)*stride])
+				c.data[w*stride] = int32(ins[j] - c.base)
+				j--
+			}
+			w--
+		}
+		p.colBytes += 4 * int64(k*stride)
+		if p.colBytes > p.colBudget {
+			return false
+		}
+	}
+	for _, b := range bs {
+		v := s.flushing[b]
+		if b < grp.from || !nonzero(v) {
+			continue
+		}
+		if !p.colAddGroup(s, g, b, v) {
+			return false
+		}
+	}
+	return true
+}
+
+// tapOps sets, for every tap, the column groups its ranges read and how
+// an entry adds to their sums.
+func (c *colLayout) tapOps(taps []*tap) {
+	for _, t := range taps {
+		t.groups, t.ops = nil, nil
+		for g := range c.groups {
+			var ops []colOp
+			for _, sub := range t.subs {
+				for _, op := range c.ops[sub.r][g] {
+					op.sign = sub.sign
+					ops = append(ops, op)
+				}
+			}
+			if len(ops) > 0 {
+				t.groups = append(t.groups, g)
+				t.ops = append(t.ops, ops)
+			}
+		}
+	}
+}
+
+// stepColumns is step from the columns: each tap keeps, per segment and
+// column group, the entry it has reached. It reports false, having moved
+// nothing, when a tap would read below the columns.
+func (p *Processor) stepColumns(from, to int64) bool {
+	if !p.colsOn {
+		return false
+	}
+	for _, t := range p.evalTaps {
+		s := t.subs[0]
+		if pos := p.positions[s.r]; s.sign > 0 {
+			t.pos = pos.hi
+		} else {
+			t.pos = pos.lo - 1
+		}
+		for _, g := range t.groups {
+			if t.pos+1 < p.cols.groups[g].from {
+				return false
+			}
+		}
+	}
+	l := p.layout
+	bucket := p.bucketMs
+	for _, t := range p.evalTaps {
+		t.cursors, t.next = t.cursors[:0], t.next[:0]
+		for _, s := range p.segmentList {
+			for _, g := range t.groups {
+				stride := 1 + len(p.cols.groups[g].idx)
+				c := &s.cols[g]
+				e := c.search(stride, t.pos+1)
+				t.cursors = append(t.cursors, e)
+				t.next = append(t.next, c.nextBucket(stride, e))
+			}
+		}
+	}
+	for b := from; b <= to; b++ {
+		now := b * bucket
+		for _, t := range p.evalTaps {
+			target := t.at(now, bucket)
+			if target <= t.pos {
+				continue
+			}
+			// Most cursors have no entry to pass at a boundary: their
+			// next buckets, side by side, tell without reading the
+			// columns.
+			k := 0
+			for _, s := range p.segmentList {
+				for gi, g := range t.groups {
+					if t.next[k] > target {
+						k++
+						continue
+					}
+					c := &s.cols[g]
+					stride := 1 + len(p.cols.groups[g].idx)
+					e, n := t.cursors[k], c.len(stride)
+					for ; e < n && c.bucket(stride, e) <= target; e++ {
+						for _, op := range t.ops[gi] {
+							s.sums[op.off] += op.sign * s.colValue(g, stride, e, op.slot)
+						}
+					}
+					t.cursors[k], t.next[k] = e, c.nextBucket(stride, e)
+					k++
+				}
+			}
+			t.pos = target
+		}
+		for _, r := range p.evalRanges {
+			lo, hi := l.ranges[r].bounds(now, bucket)
+			p.positions[r] = position{lo, hi}
+		}
+		p.evaluate()
+	}
+	return true
+}

@@ -1,0 +1,233 @@
+package processor
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"testing"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+
+	"github.com/funnelwatch/funnelwatch/store"
+)
+
+// TestColumnsMatchStore replays weeks of randomized traffic (late records,
+// conversions credited to old entry buckets, values too large for an
+// int32) with flushes that cross from one to thousands of bucket
+// boundaries, and a restart half-way. Every few flushes it checks that the
+// columns hold what the store holds from their lower bound up, and that the
+// sums of every range, which the flush moved from the columns, equal the
+// sums of the store's buckets at the range's position.
+func TestColumnsMatchStore(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		clock  string
+		budget int64 // bytes of the columns, 0 for the default
+		weeks  int64 // of event time
+	}{
+		{"event clock", ClockEvent, 0, 7},
+		{"wall clock", ClockWall, 0, 7},
+		// Over the budget the columns are dropped and the ranges move
+		// by reading the store.
+		{"over budget", ClockEvent, 64 << 10, 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := DefaultConfig()
+			cfg.Kafka.Topics = []TopicConfig{{Name: "events"}}
+			cfg.Time.Clock = tc.clock
+			cfg.Store.EntityCache = 2000
+			if err := cfg.Validate(); err != nil {
+				t.Fatal(err)
+			}
+			st, err := store.Open("", store.Options{FS: vfs.NewMem()})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer st.Close()
+			start := time.Date(2026, 1, 5, 0, 0, 0, 0, time.UTC).UnixMilli()
+			wall := start
+			opts := Options{Now: func() time.Time { return time.UnixMilli(wall) }}
+			p, err := New(cfg, st, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.budget > 0 {
+				p.colBudget = tc.budget
+			}
+			rng := rand.New(rand.NewPCG(5, 6))
+			sources := [][]byte{[]byte("ads"), []byte("seo"), []byte("mail"), nil}
+			span := tc.weeks * (7 * 24 * time.Hour).Milliseconds()
+			var off int64
+			b := &Batch{Topic: "events"}
+			ctx := context.Background()
+			restarted := false
+			flushes := 0
+			for tm := start; tm < start+span; {
+				b.Records = b.Records[:0]
+				// Flushes a minute to a few days of event time apart.
+				next := tm + 60_000 + rng.Int64N(3*24*3600_000)/int64(1+rng.IntN(40))
+				for ; tm < next; tm += rng.Int64N(10 * 60_000) {
+					ent := binary.BigEndian.AppendUint32(nil, rng.Uint32N(4000))
+					evt := tm
+					switch rng.IntN(30) {
+					case 0: // late, up to 40 days
+						evt -= rng.Int64N(40 * 24 * 3600_000)
+					case 1: // within grace
+						evt -= rng.Int64N(5 * 60_000)
+					}
+					value := rng.Int64N(5000)
+					if rng.IntN(200) == 0 {
+						value = 3 * math.MaxInt32
+					}
+					b.Records = append(b.Records, Record{Offset: off, Event: Event{
+						Stage: rng.IntN(3), Entity: ent, Time: evt, Value: value,
+						Dims: [][]byte{sources[rng.IntN(len(sources))], nil},
+					}})
+					off++
+				}
+				wall = tm
+				p.ApplyBatch(b)
+				if err := p.Flush(ctx); err != nil {
+					t.Fatal(err)
+				}
+				flushes++
+				at := fmt.Sprintf("flush %d, clock %s", flushes, time.UnixMilli(p.clockNow()).UTC())
+				// A wrong number stays in a column until it is dropped,
+				// so checking every few flushes finds it; the store scans
+				// of a check cost more than the flushes.
+				if flushes%4 == 0 || tm >= start+span {
+					checkColumns(t, p, at)
+				}
+				if !restarted && tm > start+span/2 {
+					restarted = true
+					if p, err = New(cfg, st, opts); err != nil {
+						t.Fatal(err)
+					}
+					if tc.budget > 0 {
+						p.colBudget = tc.budget
+					}
+					checkColumns(t, p, at+", restarted")
+				}
+			}
+			if tc.budget > 0 {
+				if p.colsOn {
+					t.Errorf("columns on with a budget of %d bytes", tc.budget)
+				}
+				return
+			}
+			if !p.colsOn {
+				t.Fatal("columns off")
+			}
+			wide := 0
+			for _, s := range p.segmentList {
+				wide += len(s.wide)
+			}
+			if wide == 0 {
+				t.Error("no number was kept in a wide map: the test misses that path")
+			}
+		})
+	}
+}
+
+// checkColumns compares p's columns and range sums with the store.
+func checkColumns(t *testing.T, p *Processor, at string) {
+	t.Helper()
+	l := p.layout
+	vl := l.vecLen
+	// One scan from the lowest bound of the ranges and the columns up.
+	type cell struct {
+		seg         string
+		bucket      int64
+		group, slot int
+	}
+	want := map[string][]int64{}
+	stored := map[cell]int64{}
+	lo := int64(math.MaxInt64)
+	for _, pos := range p.positions {
+		lo = min(lo, pos.lo)
+	}
+	for _, grp := range p.cols.groups {
+		lo = min(lo, grp.from)
+	}
+	err := p.st.Buckets(lo, math.MaxInt64, func(b int64, key []byte, v store.Vector) {
+		for r, pos := range p.positions {
+			if b < pos.lo || b > pos.hi {
+				continue
+			}
+			w := want[string(key)]
+			if w == nil {
+				w = make([]int64, len(l.ranges)*vl)
+				want[string(key)] = w
+			}
+			for _, i := range p.cols.need[r] {
+				w[r*vl+i] += v[i]
+			}
+		}
+		for g, grp := range p.cols.groups {
+			if b < grp.from {
+				continue
+			}
+			for slot, i := range grp.idx {
+				if v[i] != 0 {
+					stored[cell{string(key), b, g, slot}] = v[i]
+				}
+			}
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range p.segmentList {
+		w := want[string(s.key)]
+		for r := range l.ranges {
+			for _, i := range p.cols.need[r] {
+				var x int64
+				if w != nil {
+					x = w[r*vl+i]
+				}
+				if got := s.sum(l, r, i); got != x {
+					t.Fatalf("%s: segment %x, range %d %+v at %+v, index %d: sum %d; want %d (from the store)",
+						at, s.key, r, l.ranges[r], p.positions[r], i, got, x)
+				}
+			}
+		}
+	}
+	if !p.colsOn {
+		return
+	}
+	total := 0
+	for g, grp := range p.cols.groups {
+		stride := 1 + len(grp.idx)
+		n := 0
+		for _, s := range p.segmentList {
+			c := &s.cols[g]
+			for e := range c.len(stride) {
+				b := c.bucket(stride, e)
+				if e > 0 && c.bucket(stride, e-1) >= b {
+					t.Fatalf("%s: group %d of segment %x: bucket %d after %d", at, g, s.key, b, c.bucket(stride, e-1))
+				}
+				if b < grp.from {
+					t.Fatalf("%s: group %d of segment %x holds bucket %d below its bound %d", at, g, s.key, b, grp.from)
+				}
+				for slot := range grp.idx {
+					got := s.colValue(g, stride, e, slot)
+					if got == 0 {
+						continue
+					}
+					n++
+					if w := stored[cell{string(s.key), b, g, slot}]; got != w {
+						t.Fatalf("%s: group %d (indices %v) of segment %x, bucket %d, slot %d: %d; want %d (from the store)",
+							at, g, grp.idx, s.key, b, slot, got, w)
+					}
+				}
+			}
+		}
+		total += n
+	}
+	if total != len(stored) {
+		t.Fatalf("%s: the columns hold %d non-zero numbers; the store %d", at, total, len(stored))
+	}
+}
