@@ -499,12 +499,7 @@ func (p *Processor) stepColumns(from, to int64) bool {
 		return false
 	}
 	for _, t := range p.evalTaps {
-		s := t.subs[0]
-		if pos := p.positions[s.r]; s.sign > 0 {
-			t.pos = pos.hi
-		} else {
-			t.pos = pos.lo - 1
-		}
+		t.rewind(p.positions)
 		for _, g := range t.groups {
 			if t.pos+1 < p.cols.groups[g].from {
 				return false

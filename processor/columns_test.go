@@ -9,8 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cockroachdb/pebble/v2/vfs"
-
 	"github.com/funnelwatch/funnelwatch/store"
 )
 
@@ -42,11 +40,7 @@ func TestColumnsMatchStore(t *testing.T) {
 			if err := cfg.Validate(); err != nil {
 				t.Fatal(err)
 			}
-			st, err := store.Open("", store.Options{FS: vfs.NewMem()})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer st.Close()
+			st := MemStore(t)
 			start := time.Date(2026, 1, 5, 0, 0, 0, 0, time.UTC).UnixMilli()
 			wall := start
 			opts := Options{Now: func() time.Time { return time.UnixMilli(wall) }}

@@ -6,12 +6,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cockroachdb/pebble/v2/vfs"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/segmentio/kafka-go"
 
 	"github.com/funnelwatch/funnelwatch/processor"
-	"github.com/funnelwatch/funnelwatch/store"
 )
 
 // recordTime is the Kafka record timestamp the decoder tests pass.
@@ -423,11 +421,7 @@ func TestReservedDimensionValues(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st, err := store.Open("", store.Options{FS: vfs.NewMem()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
+	st := processor.MemStore(t)
 	reg := prometheus.NewRegistry()
 	p, err := processor.New(cfg, st, processor.Options{Registerer: reg})
 	if err != nil {

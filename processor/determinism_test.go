@@ -5,10 +5,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cockroachdb/pebble/v2/vfs"
-
 	"github.com/funnelwatch/funnelwatch/processor"
-	"github.com/funnelwatch/funnelwatch/store"
 )
 
 // TestReplayIsDeterministic replays the same history with a very short and
@@ -32,11 +29,7 @@ time: {clock: event, max_future: 8d}
 		cfg.Kafka.Brokers = brokers
 		cfg.Kafka.Group = "replay-" + flush.String()
 		cfg.FlushInterval = processor.Duration(flush)
-		st, err := store.Open("", store.Options{FS: vfs.NewMem()})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer st.Close()
+		st := processor.MemStore(t)
 		r := startRunner(t, cfg, st, time.Now)
 		r.waitConsumed(t, len(lines))
 		got := exposition(t, r.reg, segmentSeries...)

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/cespare/xxhash/v2"
-	"github.com/cockroachdb/pebble/v2/vfs"
 
 	"github.com/funnelwatch/funnelwatch/store"
 )
@@ -97,11 +96,7 @@ func TestWindowSumsMatchStore(t *testing.T) {
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	st, err := store.Open("", store.Options{FS: vfs.NewMem()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
+	st := MemStore(t)
 	p, err := New(cfg, st, Options{})
 	if err != nil {
 		t.Fatal(err)
@@ -161,11 +156,7 @@ func TestPendingBoundsEntities(t *testing.T) {
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	st, err := store.Open("", store.Options{FS: vfs.NewMem()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
+	st := MemStore(t)
 	p, err := New(cfg, st, Options{})
 	if err != nil {
 		t.Fatal(err)

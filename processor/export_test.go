@@ -1,5 +1,13 @@
 package processor
 
+import (
+	"testing"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+
+	"github.com/funnelwatch/funnelwatch/store"
+)
+
 // Evaluate runs degradation and volume detection on every segment at the
 // current window positions, as a flush does after moving the windows; for
 // benchmarks.
@@ -7,4 +15,15 @@ func Evaluate(p *Processor) {
 	p.sumsMu.Lock()
 	defer p.sumsMu.Unlock()
 	p.evaluate()
+}
+
+// MemStore opens a store in memory, closed when the test ends.
+func MemStore(t testing.TB) *store.Store {
+	t.Helper()
+	st, err := store.Open("", store.Options{FS: vfs.NewMem()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	return st
 }

@@ -16,7 +16,6 @@ import (
 	"time"
 	"unicode/utf8"
 
-	"github.com/cockroachdb/pebble/v2/vfs"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
@@ -25,7 +24,6 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/funnelwatch/funnelwatch/processor"
-	"github.com/funnelwatch/funnelwatch/store"
 )
 
 // hostileCase is one record of the hostile corpus with the outcome SPEC
@@ -144,11 +142,7 @@ func TestHostileInput(t *testing.T) {
 	}
 	caseAt := readCaseOffsets(t, brokers, topic, len(cases))
 
-	st, err := store.Open("", store.Options{FS: vfs.NewMem()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
+	st := processor.MemStore(t)
 	dlq := &kafka.Writer{Addr: kafka.TCP(brokers...), AllowAutoTopicCreation: true, RequiredAcks: kafka.RequireAll, BatchTimeout: 10 * time.Millisecond}
 	defer dlq.Close()
 	reg := prometheus.NewRegistry()

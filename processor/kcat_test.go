@@ -9,10 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cockroachdb/pebble/v2/vfs"
-
 	"github.com/funnelwatch/funnelwatch/processor"
-	"github.com/funnelwatch/funnelwatch/store"
 )
 
 // TestKcatInterop produces the attribution scenario with kcat, an
@@ -54,11 +51,7 @@ func TestKcatInterop(t *testing.T) {
 		t.Fatalf("kcat: %v\n%s", err, out)
 	}
 
-	st, err := store.Open("", store.Options{FS: vfs.NewMem()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
+	st := processor.MemStore(t)
 	wall := time.Date(2026, 11, 2, 13, 30, 0, 0, time.UTC)
 	r := startRunner(t, cfg, st, func() time.Time { return wall })
 	r.waitConsumed(t, len(lines))

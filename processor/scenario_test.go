@@ -14,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cockroachdb/pebble/v2/vfs"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/common/expfmt"
 	"github.com/segmentio/kafka-go"
@@ -262,11 +261,7 @@ func TestScenarios(t *testing.T) {
 			lines := readLines(t, base+".jsonl")
 			produce(t, brokers, cfg.Kafka.Topics[0].Name, lines)
 
-			st, err := store.Open("", store.Options{FS: vfs.NewMem()})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer st.Close()
+			st := processor.MemStore(t)
 			wall := time.Date(2026, 11, 2, 13, 30, 0, 0, time.UTC)
 			r := startRunner(t, cfg, st, func() time.Time { return wall })
 			r.waitConsumed(t, len(lines))

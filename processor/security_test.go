@@ -526,11 +526,7 @@ func TestWebTLSAndBasicAuth(t *testing.T) {
 	tlsPart := "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
 	authPart := fmt.Sprintf("basic_auth_users:\n  %s: %s\n", user, hash)
 
-	st, err := store.Open("", store.Options{FS: vfs.NewMem()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
+	st := processor.MemStore(t)
 	cfg, err := processor.ParseConfig(nil)
 	if err != nil {
 		t.Fatal(err)

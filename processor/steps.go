@@ -49,6 +49,17 @@ type tapSub struct {
 	sign int64
 }
 
+// rewind sets the tap's position to the edge of its first range at the
+// ranges' current positions: what that range's sums already hold.
+func (t *tap) rewind(positions []position) {
+	s := t.subs[0]
+	if pos := positions[s.r]; s.sign > 0 {
+		t.pos = pos.hi
+	} else {
+		t.pos = pos.lo - 1
+	}
+}
+
 // at is the tap's position at time now (ms).
 func (t *tap) at(now, bucket int64) int64 {
 	return rangeSpec{cohort: t.cohort, lag: t.lag, shift: t.k, width: 1}.hi(now, bucket)
@@ -121,12 +132,7 @@ func (p *Processor) step(from, to int64) error {
 	bucket := p.bucketMs
 	var errs []error
 	for _, t := range p.evalTaps {
-		s := t.subs[0]
-		if pos := p.positions[s.r]; s.sign > 0 {
-			t.pos = pos.hi
-		} else {
-			t.pos = pos.lo - 1
-		}
+		t.rewind(p.positions)
 		t.cur = nil
 		if end := t.at(to*bucket, bucket); end > t.pos {
 			c, err := p.st.NewBucketCursor(t.pos+1, end)
