@@ -643,7 +643,8 @@ func (c *constCollector) Collect(ch chan<- prometheus.Metric) {
 
 // measureFreshness streams the live traffic of m for d and returns, for every record, the time from the producer's
 // acknowledgement to the first scrape whose funnel_stored_offset (moved by
-// the flush that also moves the windows) covers it.
+// the flush that also moves the windows) covers it. Scrapes come every half
+// flush interval, so a latency is at most that much above the true one.
 func measureFreshness(ctx context.Context, p *fwProcess, brokers []string, partitions int, m *traffic.Model, rate float64, d time.Duration) ([]time.Duration, error) {
 	type ack struct {
 		at     time.Time
@@ -677,7 +678,11 @@ func measureFreshness(ctx context.Context, p *fwProcess, brokers []string, parti
 	g.Go(func() error {
 		var pending []ack
 		prev := make([]int64, partitions) // counts of the last visible ack
-		tick := time.NewTicker(100 * time.Millisecond)
+		// A scrape of the whole exposition costs the process tens of
+		// milliseconds of CPU: polling much faster than flushes happen
+		// would measure the poller's load. Every half flush interval
+		// overstates a latency by at most that much.
+		tick := time.NewTicker(max(100*time.Millisecond, processor.D(p.cfg.FlushInterval)/2))
 		defer tick.Stop()
 		for {
 			select {

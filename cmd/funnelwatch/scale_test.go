@@ -118,17 +118,30 @@ func TestScaleOutExact(t *testing.T) {
 	for _, r := range rs {
 		r.start(t, logs)
 	}
-	converge(t, want, rs...)
-	t.Logf("%d per-segment series equal to one replica's", len(want))
-	for _, r := range rs {
-		lines, err := scrape(r.addr, segmentSeries...)
-		if err != nil {
-			t.Fatal(err)
+	// The first replica to join may consume everything before the
+	// others get their partitions: wait for every replica's share too.
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		converge(t, want, rs...)
+		var idle []string
+		for _, r := range rs {
+			lines, err := scrape(r.addr, segmentSeries...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(lines) == 0 {
+				idle = append(idle, r.addr)
+			}
 		}
-		if len(lines) == 0 {
-			t.Errorf("replica %s exports no per-segment series; want a share", r.addr)
+		if len(idle) == 0 {
+			break
 		}
+		if time.Now().After(deadline) {
+			t.Fatalf("replicas %v export no per-segment series; want a share each", idle)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
+	t.Logf("%d per-segment series equal to one replica's, each replica exporting a share", len(want))
 	for _, r := range rs {
 		r.p.terminate(t)
 	}
