@@ -89,18 +89,7 @@ func TestEntitySeen(t *testing.T) {
 // equal what a restart computes from the store: windows moved by many
 // buckets at once, and buckets deleted past retention, must leave no trace.
 func TestWindowSumsMatchStore(t *testing.T) {
-	cfg := DefaultConfig()
-	cfg.Kafka.Topics = []TopicConfig{{Name: "events"}}
-	cfg.Time.Clock = ClockEvent
-	cfg.Store.EntityCache = 1000
-	if err := cfg.Validate(); err != nil {
-		t.Fatal(err)
-	}
-	st := MemStore(t)
-	p, err := New(cfg, st, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, _ := eventClockProcessor(t, 1000)
 	rng := rand.New(rand.NewPCG(3, 4))
 	sources := [][]byte{[]byte("ads"), []byte("seo"), []byte("mail")}
 	start := time.Date(2026, 1, 5, 0, 0, 0, 0, time.UTC).UnixMilli()
@@ -150,17 +139,7 @@ func TestWindowSumsMatchStore(t *testing.T) {
 // ApplyBatch flushes before the states a flush writes (and a scale-out
 // marker carries) outgrow it, and Run is asked to flush early.
 func TestPendingBoundsEntities(t *testing.T) {
-	cfg := DefaultConfig()
-	cfg.Kafka.Topics = []TopicConfig{{Name: "events"}}
-	cfg.Time.Clock = ClockEvent
-	if err := cfg.Validate(); err != nil {
-		t.Fatal(err)
-	}
-	st := MemStore(t)
-	p, err := New(cfg, st, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, st := eventClockProcessor(t, 0)
 	p.pendingLimit = 64 << 10
 	const entities, perBatch = 5000, 100
 	tm := time.Date(2026, 1, 5, 0, 0, 0, 0, time.UTC).UnixMilli()
@@ -178,7 +157,7 @@ func TestPendingBoundsEntities(t *testing.T) {
 		maxDirty = max(maxDirty, len(p.dirty))
 	}
 	// Every entity costs at least its reach times and seen ids.
-	minCost := 8 * int64(len(cfg.Funnel.Stages)+maxSeenIDs+2)
+	minCost := 8 * int64(len(p.cfg.Funnel.Stages)+maxSeenIDs+2)
 	if limit := int(2*p.pendingLimit/minCost) + perBatch; maxDirty > limit {
 		t.Errorf("got up to %d dirty entities between flushes; want at most %d", maxDirty, limit)
 	}
@@ -197,4 +176,26 @@ func TestPendingBoundsEntities(t *testing.T) {
 	if n != entities {
 		t.Errorf("got %d stored entities; want %d", n, entities)
 	}
+}
+
+// eventClockProcessor returns a processor of the default configuration on
+// the event clock, consuming "events", on a store in memory; entityCache 0
+// keeps the default cache size.
+func eventClockProcessor(t *testing.T, entityCache int) (*Processor, *store.Store) {
+	t.Helper()
+	cfg := DefaultConfig()
+	cfg.Kafka.Topics = []TopicConfig{{Name: "events"}}
+	cfg.Time.Clock = ClockEvent
+	if entityCache > 0 {
+		cfg.Store.EntityCache = entityCache
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	st := MemStore(t)
+	p, err := New(cfg, st, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p, st
 }

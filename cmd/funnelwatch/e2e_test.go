@@ -251,10 +251,17 @@ func consumedOf(addr string) int {
 	if err != nil {
 		return -1
 	}
+	return sumOf(lines, "funnel_records_consumed_total")
+}
+
+// sumOf sums the values of the series of family name in scraped lines.
+func sumOf(lines []string, name string) int {
 	n := 0.0
 	for _, l := range lines {
-		f, _ := strconv.ParseFloat(l[strings.LastIndexByte(l, ' ')+1:], 64)
-		n += f
+		if strings.HasPrefix(l, name+"{") || strings.HasPrefix(l, name+" ") {
+			f, _ := strconv.ParseFloat(l[strings.LastIndexByte(l, ' ')+1:], 64)
+			n += f
+		}
 	}
 	return int(n)
 }
@@ -283,7 +290,9 @@ func runToEnd(t testing.TB, p *proc, n int) []string {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if storedOf(lines) >= n && slices.Equal(lines, prev) {
+			// The stored offsets sum to the records stored when every
+			// partition started at offset 0.
+			if sumOf(lines, "funnel_stored_offset") >= n && slices.Equal(lines, prev) {
 				return lines
 			}
 			prev = lines
@@ -293,19 +302,6 @@ func runToEnd(t testing.TB, p *proc, n int) []string {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-}
-
-// storedOf sums the funnel_stored_offset series of scraped lines: the
-// records stored when every partition started at offset 0.
-func storedOf(lines []string) int {
-	n := 0.0
-	for _, l := range lines {
-		if strings.HasPrefix(l, "funnel_stored_offset{") {
-			f, _ := strconv.ParseFloat(l[strings.LastIndexByte(l, ' ')+1:], 64)
-			n += f
-		}
-	}
-	return int(n)
 }
 
 // killKind is where in a funnelwatch process's life a SIGKILL landed, as
