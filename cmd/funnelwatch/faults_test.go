@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -351,23 +352,35 @@ func mountTmpfs(t *testing.T, dir string, size int64) {
 // bytes, and returns its size.
 func fill(t *testing.T, path string, leave int64) int64 {
 	t.Helper()
-	var st syscall.Statfs_t
-	if err := syscall.Statfs(filepath.Dir(path), &st); err != nil {
-		t.Fatal(err)
-	}
-	size := int64(st.Bavail)*st.Bsize - leave
-	if size <= 0 {
-		t.Fatalf("only %d bytes free on %s", int64(st.Bavail)*st.Bsize, filepath.Dir(path))
-	}
 	f, err := os.Create(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	if err := syscall.Fallocate(int(f.Fd()), 0, 0, size); err != nil {
-		t.Fatalf("fallocate %d bytes: %v", size, err)
+	// The running process allocates too (a WAL is preallocated in one
+	// step), so the free space can shrink between statfs and fallocate:
+	// measure again and retry.
+	for attempt := 1; ; attempt++ {
+		var st syscall.Statfs_t
+		if err := syscall.Statfs(filepath.Dir(path), &st); err != nil {
+			t.Fatal(err)
+		}
+		size := int64(st.Bavail)*st.Bsize - leave
+		if size <= 0 {
+			t.Fatalf("only %d bytes free on %s", int64(st.Bavail)*st.Bsize, filepath.Dir(path))
+		}
+		err := syscall.Fallocate(int(f.Fd()), 0, 0, size)
+		if err == nil {
+			return size
+		}
+		if !errors.Is(err, syscall.ENOSPC) || attempt == 10 {
+			t.Fatalf("fallocate %d bytes (attempt %d): %v", size, attempt, err)
+		}
+		if err := f.Truncate(0); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
-	return size
 }
 
 // metricValue sums the samples of one metric name (all label sets); -1
