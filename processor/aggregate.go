@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"strings"
 	"sync"
 
 	"github.com/funnelwatch/funnelwatch/store"
@@ -15,6 +16,7 @@ import (
 type segment struct {
 	key       store.Segment
 	breakdown int
+	rank      int      // in key order among the segments, see Processor.rankSegments
 	labels    []string // values of the breakdown's dimensions
 
 	// pending holds per-bucket deltas since the last flush; last caches the
@@ -89,7 +91,22 @@ func (p *Processor) newSegment(key store.Segment) *segment {
 	}
 	p.segments[key] = s
 	p.segmentList = append(p.segmentList, s)
+	p.ranked = false
 	return s
+}
+
+// rankSegments numbers the segments in key order, so that a flush sorts
+// its bucket writes into key order comparing integers, not keys.
+func (p *Processor) rankSegments() {
+	if p.ranked {
+		return
+	}
+	byKey := append(p.byKey[:0], p.segmentList...)
+	slices.SortFunc(byKey, func(x, y *segment) int { return strings.Compare(string(x.key), string(y.key)) })
+	for i, s := range byKey {
+		s.rank = i
+	}
+	p.byKey, p.ranked = byKey, true
 }
 
 // segmentFor returns the segment with the given key, creating it.

@@ -1,6 +1,7 @@
 package processor
 
 import (
+	"cmp"
 	"math"
 	"slices"
 
@@ -220,6 +221,15 @@ func (p *Processor) colAddGroup(s *segment, g int, b int64, v store.Vector) bool
 			return false
 		}
 	}
+	p.colAddEntry(s, g, e, b, v)
+	return true
+}
+
+// colAddEntry adds v to entry e, of bucket b, of group g's column.
+func (p *Processor) colAddEntry(s *segment, g, e int, b int64, v store.Vector) {
+	grp := &p.cols.groups[g]
+	stride := 1 + len(grp.idx)
+	c := &s.cols[g]
 	at := (c.start+e)*stride + 1
 	for slot, i := range grp.idx {
 		if i >= len(v) || v[i] == 0 {
@@ -242,7 +252,6 @@ func (p *Processor) colAddGroup(s *segment, g int, b int64, v store.Vector) bool
 		}
 		s.wide[wideKey{g, slot, b}] = sum
 	}
-	return true
 }
 
 // insert makes an entry of zeros for bucket b at entry e.
@@ -380,92 +389,112 @@ func (p *Processor) colDisable() {
 // their current positions and to the segment's columns, in bucket order,
 // so that the buckets new to a column append to it.
 func (p *Processor) foldFlushed(s *segment) {
-	bs := p.colBuckets[:0]
-	for b := range s.flushing {
-		bs = append(bs, b)
+	fl := p.colFlushed[:0]
+	for b, v := range s.flushing {
+		fl = append(fl, flushedBucket{b, v})
 	}
-	slices.Sort(bs)
-	for _, b := range bs {
-		p.addToRanges(s, b, s.flushing[b], +1)
+	slices.SortFunc(fl, func(x, y flushedBucket) int { return cmp.Compare(x.b, y.b) })
+	for _, f := range fl {
+		p.addToRanges(s, f.b, f.v, +1)
 	}
 	if p.colsOn {
 		for g := range p.cols.groups {
-			if !p.colMerge(s, g, bs) {
+			if !p.colMerge(s, g, fl) {
 				p.colDisable()
 				break
 			}
 		}
 	}
-	p.colBuckets = bs[:0]
+	clear(fl)
+	p.colFlushed = fl[:0]
 }
 
-// colMerge adds the flushed deltas of s at buckets bs (sorted) to its
-// column of group g. The records of a catch-up come from partitions at
-// different event times, so a flush's buckets can fall before the last
-// one a column holds: it makes room for all the new entries at once,
-// moving the column's tail once, then adds.
-func (p *Processor) colMerge(s *segment, g int, bs []int64) bool {
+// flushedBucket is a bucket's committed delta.
+type flushedBucket struct {
+	b int64
+	v store.Vector
+}
+
+// colMerge adds the flushed deltas fl (in bucket order) of s to its column
+// of group g. The records of a catch-up come from partitions at different
+// event times, so a flush's buckets can fall before the last one a column
+// holds: it makes room for all the new entries at once, moving the
+// column's tail once, then adds, walking the column and fl side by side.
+func (p *Processor) colMerge(s *segment, g int, fl []flushedBucket) bool {
 	grp := &p.cols.groups[g]
 	stride := 1 + len(grp.idx)
 	c := &s.cols[g]
-	nonzero := func(v store.Vector) bool {
-		for _, i := range grp.idx {
-			if i < len(v) && v[i] != 0 {
-				return true
-			}
+	// The deltas with numbers in the group, at or above its bound.
+	add := p.colAdds[:0]
+	defer func() { clear(add); p.colAdds = add[:0] }()
+	for _, f := range fl {
+		if f.b < grp.from {
+			continue
 		}
-		return false
-	}
-	// The buckets new to the column, before its last entry.
-	ins := p.colInserts[:0]
-	defer func() { p.colInserts = ins[:0] }()
-	n := c.len(stride)
-	if n > 0 {
-		last := c.bucket(stride, n-1)
-		e := 0
-		for _, b := range bs {
-			if b >= last {
+		for _, i := range grp.idx {
+			if i < len(f.v) && f.v[i] != 0 {
+				add = append(add, f)
 				break
 			}
-			if b < grp.from || !nonzero(s.flushing[b]) {
-				continue
-			}
-			e += c.search(stride, b) - e
-			if c.bucket(stride, e) != b {
-				ins = append(ins, b)
-			}
 		}
 	}
-	if len(ins) > 0 && ins[0]-c.base >= math.MinInt32 && c.bucket(stride, n-1)-c.base <= math.MaxInt32 {
-		k := len(ins)
+	if len(add) == 0 {
+		return true
+	}
+	n := c.len(stride)
+	if n == 0 || add[0].b-c.base < math.MinInt32 || add[len(add)-1].b-c.base > math.MaxInt32 {
+		// An empty column, or one to rebase: one entry at a time.
+		for _, f := range add {
+			if !p.colAddGroup(s, g, f.b, f.v) {
+				return false
+			}
+		}
+		return true
+	}
+	// Count the buckets new to the column: those past its last entry
+	// append, the others are merged in from the back.
+	first := c.search(stride, add[0].b)
+	k, e := 0, first
+	for _, f := range add {
+		for e < n && c.bucket(stride, e) < f.b {
+			e++
+		}
+		if e == n || c.bucket(stride, e) != f.b {
+			k++
+		}
+	}
+	if k > 0 {
 		old := len(c.data)
 		c.data = slices.Grow(c.data, k*stride)[:old+k*stride]
-		// Merge from the back: entries at or after c.start.
-		i, j, w := n-1, k-1, c.start+n+k-1
-		for j >= 0 {
-			if i >= 0 && c.bucket(stride, i) > ins[j] {
+		i, j, w := n-1, len(add)-1, c.start+n+k-1
+		for w >= c.start+first && j >= 0 {
+			switch {
+			case i >= first && c.bucket(stride, i) > add[j].b:
 				copy(c.data[w*stride:(w+1)*stride], c.data[(c.start+i)*stride:(c.start+i+1)*stride])
 				i--
-			} else {
+			case i >= first && c.bucket(stride, i) == add[j].b:
+				copy(c.data[w*stride:(w+1)*stride], c.data[(c.start+i)*stride:(c.start+i+1)*stride])
+				i--
+				j--
+			default:
 				clear(c.data[w*stride : (w+1)*stride])
-				c.data[w*stride] = int32(ins[j] - c.base)
+				c.data[w*stride] = int32(add[j].b - c.base)
 				j--
 			}
 			w--
 		}
+		n += k
 		p.colBytes += 4 * int64(k*stride)
 		if p.colBytes > p.colBudget {
 			return false
 		}
 	}
-	for _, b := range bs {
-		v := s.flushing[b]
-		if b < grp.from || !nonzero(v) {
-			continue
+	e = first
+	for _, f := range add {
+		for c.bucket(stride, e) < f.b {
+			e++
 		}
-		if !p.colAddGroup(s, g, b, v) {
-			return false
-		}
+		p.colAddEntry(s, g, e, f.b, f.v)
 	}
 	return true
 }

@@ -21,7 +21,7 @@ import (
 	"log/slog"
 	"math"
 	"slices"
-	"strings"
+
 	"sync"
 	"sync/atomic"
 	"time"
@@ -119,10 +119,10 @@ type Processor struct {
 	// colsOn is false once a span did not fit them (see columns.go).
 	cols          *colLayout
 	colsOn        bool
-	colBuckets    []int64 // a segment's flushed buckets, sorted
-	colBytes      int64   // of the columns' entries
-	colInserts    []int64 // scratch of colMerge
-	colBudget     int64   // colBudget; tests lower it
+	colFlushed    []flushedBucket // a segment's flushed buckets, sorted
+	colBytes      int64           // of the columns' entries
+	colAdds       []flushedBucket // scratch of colMerge
+	colBudget     int64           // colBudget; tests lower it
 	vecs          vecArena
 	dict          *dictionary
 	segments      map[store.Segment]*segment
@@ -164,8 +164,12 @@ type Processor struct {
 	dimBuf       []uint32
 	comboKey     []byte
 	bucketWrites []bucketWrite
-	vecBuf       []store.Vector
-	evictBuf     []int64
+	// ranked says the segments' ranks are in key order; byKey is the
+	// scratch that orders them.
+	ranked   bool
+	byKey    []*segment
+	vecBuf   []store.Vector
+	evictBuf []int64
 }
 
 // bucketWrite is a pending bucket of a segment, to write.
@@ -1023,11 +1027,12 @@ func (p *Processor) prepare() (*inflight, *store.Batch) {
 			bw = append(bw, bucketWrite{b, s, v})
 		}
 	}
+	p.rankSegments()
 	slices.SortFunc(bw, func(x, y bucketWrite) int {
 		if x.b != y.b {
 			return cmp.Compare(x.b, y.b)
 		}
-		return strings.Compare(string(x.s.key), string(y.s.key))
+		return cmp.Compare(x.s.rank, y.s.rank)
 	})
 	for _, w := range bw {
 		batch.AddBucket(w.b, w.s.key, w.v)
