@@ -451,52 +451,72 @@ func (p *Processor) colMerge(s *segment, g int, fl []flushedBucket) bool {
 		}
 		return true
 	}
-	// Count the buckets new to the column: those past its last entry
-	// append, the others are merged in from the back.
-	first := c.search(stride, add[0].b)
-	k, e := 0, first
+	// Find each delta's entry, galloping from the previous one: a catch-up
+	// flush adds to a few runs of buckets far apart (one per partition).
+	// at[i] is where add[i]'s entry will be once the new entries are in;
+	// ins holds the new entries' places in the column as it is.
+	at, ins := p.colAt[:0], p.colIns[:0]
+	e := 0
 	for _, f := range add {
-		for e < n && c.bucket(stride, e) < f.b {
-			e++
-		}
+		e = c.seek(stride, e, f.b)
+		at = append(at, e+len(ins))
 		if e == n || c.bucket(stride, e) != f.b {
-			k++
+			ins = append(ins, colInsert{e, f.b})
 		}
 	}
-	if k > 0 {
+	p.colAt, p.colIns = at[:0], ins[:0]
+	if k := len(ins); k > 0 {
+		// Move each run of entries between two new ones once, from the
+		// back, by the number of new entries before it.
 		old := len(c.data)
 		c.data = slices.Grow(c.data, k*stride)[:old+k*stride]
-		i, j, w := n-1, len(add)-1, c.start+n+k-1
-		for w >= c.start+first && j >= 0 {
-			switch {
-			case i >= first && c.bucket(stride, i) > add[j].b:
-				copy(c.data[w*stride:(w+1)*stride], c.data[(c.start+i)*stride:(c.start+i+1)*stride])
-				i--
-			case i >= first && c.bucket(stride, i) == add[j].b:
-				copy(c.data[w*stride:(w+1)*stride], c.data[(c.start+i)*stride:(c.start+i+1)*stride])
-				i--
-				j--
-			default:
-				clear(c.data[w*stride : (w+1)*stride])
-				c.data[w*stride] = int32(add[j].b - c.base)
-				j--
-			}
-			w--
+		hi := n
+		for j := k - 1; j >= 0; j-- {
+			lo := ins[j].e
+			copy(c.data[(c.start+lo+j+1)*stride:], c.data[(c.start+lo)*stride:(c.start+hi)*stride])
+			w := (c.start + lo + j) * stride
+			clear(c.data[w : w+stride])
+			c.data[w] = int32(ins[j].b - c.base)
+			hi = lo
 		}
-		n += k
 		p.colBytes += 4 * int64(k*stride)
 		if p.colBytes > p.colBudget {
 			return false
 		}
 	}
-	e = first
-	for _, f := range add {
-		for c.bucket(stride, e) < f.b {
-			e++
-		}
-		p.colAddEntry(s, g, e, f.b, f.v)
+	for i, f := range add {
+		p.colAddEntry(s, g, at[i], f.b, f.v)
 	}
 	return true
+}
+
+// colInsert is a new entry of a column: its bucket, to go before entry e.
+type colInsert struct {
+	e int
+	b int64
+}
+
+// seek returns the first entry at or after bucket b, searching from entry
+// e on (the entries before e are below b): it gallops, so that finding an
+// entry d entries on costs O(log d).
+func (c *column) seek(stride, e int, b int64) int {
+	n := c.len(stride)
+	step, hi := 1, e
+	for hi < n && c.bucket(stride, hi) < b {
+		e = hi + 1
+		hi += step
+		step *= 2
+	}
+	hi = min(hi, n)
+	for e < hi {
+		m := int(uint(e+hi) >> 1)
+		if c.bucket(stride, m) < b {
+			e = m + 1
+		} else {
+			hi = m
+		}
+	}
+	return e
 }
 
 // tapOps sets, for every tap, the column groups its ranges read and how

@@ -122,6 +122,8 @@ type Processor struct {
 	colFlushed    []flushedBucket // a segment's flushed buckets, sorted
 	colBytes      int64           // of the columns' entries
 	colAdds       []flushedBucket // scratch of colMerge
+	colAt         []int           // scratch of colMerge
+	colIns        []colInsert     // scratch of colMerge
 	colBudget     int64           // colBudget; tests lower it
 	vecs          vecArena
 	dict          *dictionary
