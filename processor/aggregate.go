@@ -27,6 +27,7 @@ type segment struct {
 	// flushing holds the deltas of the flush being committed, and
 	// totalsFlushing its totals: ApplyBatch fills pending meanwhile.
 	flushing       map[int64]store.Vector
+	flushed        []flushedBucket // flushing in bucket order, for foldFlushed
 	totalsFlushing []int64
 
 	sums        []int64 // len(ranges) * vecLen
@@ -145,6 +146,11 @@ func (s *segment) lookup(p *Processor, b int64, remember bool) store.Vector {
 // (thousands of buckets) is dropped rather than cleared: Go maps do not
 // shrink.
 func (s *segment) clearFlushing() {
+	clear(s.flushed)
+	s.flushed = s.flushed[:0]
+	if cap(s.flushed) > 4096 {
+		s.flushed = nil
+	}
 	if len(s.flushing) > 256 {
 		s.flushing = map[int64]store.Vector{}
 		return

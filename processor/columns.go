@@ -1,7 +1,6 @@
 package processor
 
 import (
-	"cmp"
 	"math"
 	"slices"
 
@@ -389,11 +388,7 @@ func (p *Processor) colDisable() {
 // their current positions and to the segment's columns, in bucket order,
 // so that the buckets new to a column append to it.
 func (p *Processor) foldFlushed(s *segment) {
-	fl := p.colFlushed[:0]
-	for b, v := range s.flushing {
-		fl = append(fl, flushedBucket{b, v})
-	}
-	slices.SortFunc(fl, func(x, y flushedBucket) int { return cmp.Compare(x.b, y.b) })
+	fl := s.flushed
 	for _, f := range fl {
 		p.addToRanges(s, f.b, f.v, +1)
 	}
@@ -405,8 +400,6 @@ func (p *Processor) foldFlushed(s *segment) {
 			}
 		}
 	}
-	clear(fl)
-	p.colFlushed = fl[:0]
 }
 
 // flushedBucket is a bucket's committed delta.

@@ -1,11 +1,13 @@
 package processor
 
 import (
+	"cmp"
 	"context"
 	"encoding/binary"
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 	"time"
 
@@ -223,5 +225,48 @@ func checkColumns(t *testing.T, p *Processor, at string) {
 	}
 	if total != len(stored) {
 		t.Fatalf("%s: the columns hold %d non-zero numbers; the store %d", at, total, len(stored))
+	}
+}
+
+// TestSortBucketWrites checks both ways of ordering a flush's writes
+// (counting by bucket, comparing) against a plain sort.
+func TestSortBucketWrites(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	segs := make([]*segment, 50)
+	for i := range segs {
+		segs[i] = &segment{rank: rng.IntN(1000)}
+	}
+	for _, tc := range []struct {
+		name   string
+		n      int
+		spread int64
+	}{{"empty", 0, 1}, {"one", 1, 1}, {"dense", 5000, 300}, {"runs", 3000, 5000}, {"sparse", 200, 1 << 40}} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := &Processor{}
+			for range 3 { // reusing the scratch
+				var bw []bucketWrite
+				seen := map[[2]int64]bool{}
+				for len(bw) < tc.n {
+					w := bucketWrite{b: 1_000_000 + rng.Int64N(tc.spread), s: segs[rng.IntN(len(segs))]}
+					if k := [2]int64{w.b, int64(w.s.rank)}; !seen[k] {
+						seen[k] = true
+						bw = append(bw, w)
+					}
+				}
+				want := slices.Clone(bw)
+				slices.SortFunc(want, func(x, y bucketWrite) int {
+					return cmp.Or(cmp.Compare(x.b, y.b), cmp.Compare(x.s.rank, y.s.rank))
+				})
+				got := p.sortBucketWrites(bw)
+				if len(got) != len(want) {
+					t.Fatalf("got %d writes; want %d", len(got), len(want))
+				}
+				for i := range got {
+					if got[i].b != want[i].b || got[i].s.rank != want[i].s.rank {
+						t.Fatalf("write %d: got bucket %d rank %d; want bucket %d rank %d", i, got[i].b, got[i].s.rank, want[i].b, want[i].s.rank)
+					}
+				}
+			}
+		})
 	}
 }

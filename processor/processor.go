@@ -119,7 +119,6 @@ type Processor struct {
 	// colsOn is false once a span did not fit them (see columns.go).
 	cols          *colLayout
 	colsOn        bool
-	colFlushed    []flushedBucket // a segment's flushed buckets, sorted
 	colBytes      int64           // of the columns' entries
 	colAdds       []flushedBucket // scratch of colMerge
 	colAt         []int           // scratch of colMerge
@@ -166,6 +165,8 @@ type Processor struct {
 	dimBuf       []uint32
 	comboKey     []byte
 	bucketWrites []bucketWrite
+	sortedWrites []bucketWrite // scratch of sortBucketWrites
+	sortCounts   []int         // scratch of sortBucketWrites
 	// ranked says the segments' ranks are in key order; byKey is the
 	// scratch that orders them.
 	ranked   bool
@@ -179,6 +180,56 @@ type bucketWrite struct {
 	b int64
 	s *segment
 	v store.Vector
+}
+
+// sortBucketWrites returns bw in key order: by bucket, then segment rank.
+// The buckets of a flush mostly fall in a few dense runs (one per
+// partition's stretch of event time), so it counts them into place by
+// bucket and sorts only each bucket's segments; buckets spread far wider
+// than there are writes are sorted by comparison instead.
+func (p *Processor) sortBucketWrites(bw []bucketWrite) []bucketWrite {
+	byRank := func(x, y bucketWrite) int { return cmp.Compare(x.s.rank, y.s.rank) }
+	if len(bw) < 2 {
+		return bw
+	}
+	lo, hi := bw[0].b, bw[0].b
+	for _, w := range bw {
+		lo, hi = min(lo, w.b), max(hi, w.b)
+	}
+	if hi-lo > 4*int64(len(bw))+1024 {
+		slices.SortFunc(bw, func(x, y bucketWrite) int {
+			if x.b != y.b {
+				return cmp.Compare(x.b, y.b)
+			}
+			return byRank(x, y)
+		})
+		return bw
+	}
+	span := int(hi-lo) + 1
+	at := slices.Grow(p.sortCounts[:0], span+1)[:span+1]
+	clear(at)
+	for _, w := range bw {
+		at[w.b-lo+1]++
+	}
+	for i := 1; i <= span; i++ {
+		at[i] += at[i-1]
+	}
+	out := slices.Grow(p.sortedWrites[:0], len(bw))[:len(bw)]
+	for _, w := range bw {
+		i := w.b - lo
+		out[at[i]] = w
+		at[i]++
+	}
+	p.sortCounts, p.sortedWrites = at[:0], out[:0]
+	for i := 0; i < len(out); {
+		j := i + 1
+		for j < len(out) && out[j].b == out[i].b {
+			j++
+		}
+		slices.SortFunc(out[i:j], byRank)
+		i = j
+	}
+	return out
 }
 
 // combo is a combination of dimension values (dictionary ids) and the
@@ -1030,16 +1081,14 @@ func (p *Processor) prepare() (*inflight, *store.Batch) {
 		}
 	}
 	p.rankSegments()
-	slices.SortFunc(bw, func(x, y bucketWrite) int {
-		if x.b != y.b {
-			return cmp.Compare(x.b, y.b)
-		}
-		return cmp.Compare(x.s.rank, y.s.rank)
-	})
-	for _, w := range bw {
+	sorted := p.sortBucketWrites(bw)
+	for _, w := range sorted {
 		batch.AddBucket(w.b, w.s.key, w.v)
+		// In bucket order per segment too, for foldFlushed.
+		w.s.flushed = append(w.s.flushed, flushedBucket{w.b, w.v})
 	}
 	clear(bw)
+	clear(sorted)
 	p.bucketWrites = bw[:0]
 	for _, s := range p.dirtySegments {
 		if p.ownsSegments() {
