@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -115,5 +116,36 @@ func TestBenchCommand(t *testing.T) {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("output does not contain %q:\n%s", want, out)
 		}
+	}
+}
+
+// TestRunGCPercent checks that funnelwatch run collects at its own GOGC
+// unless the environment sets one.
+func TestRunGCPercent(t *testing.T) {
+	brokers := startBroker(t, 1)
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "GOGC=") {
+			env = append(env, kv)
+		}
+	}
+	for _, tc := range []struct {
+		name string
+		env  []string
+		want float64
+	}{
+		{"default", env, defaultGCPercent},
+		{"GOGC set", append(slices.Clip(env), "GOGC=100"), 100},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			addr := freePort(t)
+			logs := &lockedBuffer{}
+			p := startProcEnv(t, writeConfig(t, t.TempDir(), brokers, "gogc", addr, ""), addr, logs, tc.env)
+			waitFor(t, 30*time.Second, "serve /metrics", func() bool { return metricValue(addr, "go_gc_gogc_percent") >= 0 })
+			if got := metricValue(addr, "go_gc_gogc_percent"); got != tc.want {
+				t.Errorf("go_gc_gogc_percent = %v; want %v", got, tc.want)
+			}
+			p.terminate(t)
+		})
 	}
 }

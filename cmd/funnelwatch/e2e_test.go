@@ -189,8 +189,15 @@ log: {level: info, format: logfmt}
 
 func startProc(t testing.TB, cfgPath, addr string, logw io.Writer) *proc {
 	t.Helper()
+	return startProcEnv(t, cfgPath, addr, logw, nil)
+}
+
+// startProcEnv is startProc with env in place of the test's environment
+// when not nil.
+func startProcEnv(t testing.TB, cfgPath, addr string, logw io.Writer, env []string) *proc {
+	t.Helper()
 	cmd := exec.Command(binary(t), "run", "--config.file", cfgPath)
-	cmd.Stdout, cmd.Stderr = logw, logw
+	cmd.Stdout, cmd.Stderr, cmd.Env = logw, logw, env
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
