@@ -38,6 +38,9 @@ type segment struct {
 	// a column's int32.
 	cols []column
 	wide map[wideKey]int64
+	// fill holds, per column group, the entries of the start-up scan
+	// until they move to cols (see colload.go).
+	fill [][][]int32
 
 	status []bool // degraded flag per alerting step, then volume
 	eval   []stepEval
@@ -362,16 +365,20 @@ func (p *Processor) loadRanges(now int64) error {
 			p.addToRanges(s, b, v, +1)
 		}
 		if fits {
-			fits = p.colAdd(s, b, v)
+			fits = p.colLoad(s, b, v)
 		}
 	})
 	if err != nil {
 		return err
 	}
 	if !fits {
+		for _, s := range p.segmentList {
+			s.fill = nil
+		}
 		p.colDisable()
 		return nil
 	}
+	p.colLoaded()
 	p.colDrop()
 	return nil
 }
