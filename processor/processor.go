@@ -417,6 +417,7 @@ func (p *Processor) loadFilter() {
 		p.mu.Lock()
 		n := max(int(p.entityCount), p.entities.live)
 		p.mu.Unlock()
+		start := time.Now()
 		f := newEntityFilter(2 * n)
 		err := p.st.EntityKeys(func(key []byte) { f.add(xxhash.Sum64(key[1:])) })
 		if err != nil {
@@ -425,6 +426,8 @@ func (p *Processor) loadFilter() {
 			// fails that flush if the scan fails again.
 			p.logger.Error("building the entity filter; looking every entity up in the store until the next flush", "err", err)
 			f = saturatedFilter()
+		} else {
+			p.logger.Info("entity filter built", "keys", f.n, "took", time.Since(start).Round(time.Millisecond))
 		}
 		p.mu.Lock()
 		defer p.mu.Unlock()
