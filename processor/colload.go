@@ -24,8 +24,9 @@ const (
 )
 
 // colLoad adds bucket b of the start-up scan to the segment's column
-// chunks; it is colAdd for buckets that come in increasing order, each
-// once. It reports false when the columns cannot be used, as colAdd does.
+// chunks; it is colAddGroup for every group, for buckets that come in
+// increasing order, each once. It reports false when the columns cannot be
+// used, as colAddGroup does.
 func (p *Processor) colLoad(s *segment, b int64, v store.Vector) bool {
 	if s.fill == nil {
 		s.fill = make([][][]int32, len(p.cols.groups))
