@@ -277,24 +277,25 @@ func (p *Processor) scanInto(r int, iv position, sign int64) error {
 	})
 }
 
-// scanBatch is a run of decoded buckets that scanBuckets passes from the
-// goroutine reading the store to the one calling fn.
+// scanBatch is a run of buckets, their vectors still encoded, that
+// scanBuckets passes from the goroutine reading the store to the one
+// calling fn.
 type scanBatch struct {
 	buckets []int64
 	segEnds []int // ends of the segment keys in segs
 	segs    []byte
-	vecEnds []int // ends of the vectors in vecs
-	vecs    []int64
+	encEnds []int // ends of the encoded vectors in encs
+	encs    []byte
 }
 
 // scanBatchLen is the buckets of a scanBatch: large enough that passing a
-// batch costs little against decoding it, small enough to stay in cache.
+// batch costs little against reading it, small enough to stay in cache.
 const scanBatchLen = 1024
 
-// scanBuckets is st.Buckets with the store's iteration and decoding in a
-// goroutine of its own and fn in the caller's: at start-up each takes
-// about half of the scan, so that on two cores the scan takes about half
-// as long.
+// scanBuckets is st.Buckets with the store's iteration in a goroutine of
+// its own, and the decoding and fn in the caller's: at start-up the two
+// take about as long, so that on two cores the scan takes about half as
+// long.
 func scanBuckets(st *store.Store, lo, hi int64, fn func(b int64, seg []byte, v store.Vector)) error {
 	full := make(chan *scanBatch, 2)
 	free := make(chan *scanBatch, 3)
@@ -305,17 +306,18 @@ func scanBuckets(st *store.Store, lo, hi int64, fn func(b int64, seg []byte, v s
 	g.Go(func() error {
 		defer close(full)
 		bt := <-free
-		err := st.Buckets(lo, hi, func(b int64, seg []byte, v store.Vector) {
+		err := st.EncodedBuckets(lo, hi, func(b int64, seg, enc []byte) error {
 			bt.buckets = append(bt.buckets, b)
 			bt.segs = append(bt.segs, seg...)
 			bt.segEnds = append(bt.segEnds, len(bt.segs))
-			bt.vecs = append(bt.vecs, v...)
-			bt.vecEnds = append(bt.vecEnds, len(bt.vecs))
+			bt.encs = append(bt.encs, enc...)
+			bt.encEnds = append(bt.encEnds, len(bt.encs))
 			if len(bt.buckets) == scanBatchLen {
 				full <- bt
 				bt = <-free
-				bt.buckets, bt.segEnds, bt.segs, bt.vecEnds, bt.vecs = bt.buckets[:0], bt.segEnds[:0], bt.segs[:0], bt.vecEnds[:0], bt.vecs[:0]
+				bt.buckets, bt.segEnds, bt.segs, bt.encEnds, bt.encs = bt.buckets[:0], bt.segEnds[:0], bt.segs[:0], bt.encEnds[:0], bt.encs[:0]
 			}
+			return nil
 		})
 		if len(bt.buckets) > 0 {
 			full <- bt
@@ -324,15 +326,29 @@ func scanBuckets(st *store.Store, lo, hi int64, fn func(b int64, seg []byte, v s
 	})
 	// Every batch goes back to free, so the reader never waits for one
 	// for good; it closes full when the scan ends or fails.
+	var (
+		vec       store.Vector
+		decodeErr error
+	)
 	for bt := range full {
-		seg0, vec0 := 0, 0
+		seg0, enc0 := 0, 0
 		for i, b := range bt.buckets {
-			fn(b, bt.segs[seg0:bt.segEnds[i]], bt.vecs[vec0:bt.vecEnds[i]])
-			seg0, vec0 = bt.segEnds[i], bt.vecEnds[i]
+			if decodeErr == nil {
+				var err error
+				if vec, err = store.DecodeVector(vec[:0], bt.encs[enc0:bt.encEnds[i]]); err != nil {
+					decodeErr = fmt.Errorf("bucket %d: %w", b, err)
+				} else {
+					fn(b, bt.segs[seg0:bt.segEnds[i]], vec)
+				}
+			}
+			seg0, enc0 = bt.segEnds[i], bt.encEnds[i]
 		}
 		free <- bt
 	}
-	return g.Wait()
+	if err := g.Wait(); err != nil {
+		return err
+	}
+	return decodeErr
 }
 
 // loadRanges computes every range's sums from the store in one scan over
