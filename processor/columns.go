@@ -175,20 +175,10 @@ func (s *segment) colValue(g, stride, e, slot int) int64 {
 // in most buckets) moves its ranges by reading the store, as without them.
 const colBudget = 256 << 20
 
-// colAdd adds the committed delta v of bucket b to the segment's columns.
-// It reports false when a bucket offset does not fit an int32 (a span of
-// more than 2^31 buckets) or the columns outgrow colBudget, and the columns
-// cannot be used.
-func (p *Processor) colAdd(s *segment, b int64, v store.Vector) bool {
-	for g := range p.cols.groups {
-		if !p.colAddGroup(s, g, b, v) {
-			return false
-		}
-	}
-	return true
-}
-
-// colAddGroup is colAdd for the column of group g.
+// colAddGroup adds the committed delta v of bucket b to the segment's
+// column of group g. It reports false when a bucket offset does not fit an
+// int32 (a span of more than 2^31 buckets) or the columns outgrow
+// colBudget, and the columns cannot be used.
 func (p *Processor) colAddGroup(s *segment, g int, b int64, v store.Vector) bool {
 	grp := &p.cols.groups[g]
 	if b < grp.from {

@@ -199,3 +199,48 @@ func eventClockProcessor(t *testing.T, entityCache int) (*Processor, *store.Stor
 	}
 	return p, st
 }
+
+// TestFilterAfterRestart checks that a processor reopened on a store
+// builds its entity filter before it applies the first record (New leaves
+// it out): every stored entity is in it, and records of stored entities
+// find their states instead of counting as new entities.
+func TestFilterAfterRestart(t *testing.T) {
+	p, st := eventClockProcessor(t, 0)
+	const entities = 300
+	tm := time.Date(2026, 1, 5, 0, 0, 0, 0, time.UTC).UnixMilli()
+	batch := func(stage int, off int64) *Batch {
+		b := &Batch{Topic: "events"}
+		for i := range entities {
+			b.Records = append(b.Records, Record{Offset: off + int64(i), Event: Event{
+				Stage: stage, Entity: fmt.Appendf(nil, "u-%d", i), Time: tm + int64(stage)*60_000, Dims: [][]byte{[]byte("ads"), nil},
+			}})
+		}
+		return b
+	}
+	p.ApplyBatch(batch(0, 0))
+	if err := p.Flush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+
+	q, err := New(p.cfg, st, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if q.known != nil {
+		t.Fatal("got an entity filter right after New; want it left to the first batch or Run")
+	}
+	q.ApplyBatch(batch(1, entities))
+	if q.known == nil {
+		t.Fatal("got no entity filter after a batch")
+	}
+	if err := st.EntityKeys(func(key []byte) {
+		if !q.known.mayContain(xxhash.Sum64(key[1:])) {
+			t.Errorf("stored entity %q is not in the filter", key[5:])
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if q.entityCount != entities {
+		t.Errorf("got %d entities after the second stage of the same ones; want %d", q.entityCount, entities)
+	}
+}

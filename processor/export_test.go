@@ -17,6 +17,10 @@ func Evaluate(p *Processor) {
 	p.evaluate()
 }
 
+// LoadFilter builds the entity filter, which New leaves to the first batch
+// or Run; for benchmarks.
+func LoadFilter(p *Processor) { p.loadFilter() }
+
 // MemStore opens a store in memory, closed when the test ends.
 func MemStore(t testing.TB) *store.Store {
 	t.Helper()

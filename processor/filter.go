@@ -28,6 +28,17 @@ func newEntityFilter(capacity int) *entityFilter {
 	return &entityFilter{bits: make([]uint64, nbits/64), mask: nbits - 1, capacity: capacity}
 }
 
+// saturatedFilter returns a filter that may contain every key and is
+// full, so that the next flush rebuilds it.
+func saturatedFilter() *entityFilter {
+	f := newEntityFilter(minFilterKeys)
+	for i := range f.bits {
+		f.bits[i] = ^uint64(0)
+	}
+	f.n = f.capacity + 1
+	return f
+}
+
 // full reports whether the filter holds more keys than it was sized for.
 func (f *entityFilter) full() bool { return f.n > f.capacity }
 

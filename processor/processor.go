@@ -107,8 +107,11 @@ type Processor struct {
 
 	mu       sync.Mutex
 	entities *entityTable
-	known    *entityFilter // keys of stored entities
-	dirty    []uint32      // records of entities changed since the last flush
+	// known holds the keys of stored entities: nil until loadFilter
+	// builds it, once (filterOnce).
+	known      *entityFilter
+	filterOnce sync.Once
+	dirty      []uint32 // records of entities changed since the last flush
 	// combos are the distinct combinations of dimension values entities
 	// have, with their segments: an entity refers to one by index.
 	combos     []combo
@@ -452,7 +455,42 @@ func (p *Processor) load() error {
 	if p.eventClock && now != 0 {
 		p.evalBucket, p.evaluated = floorDiv(now, p.bucketMs), true
 	}
-	return p.rebuildFilter()
+	// The entity filter is left to loadFilter: the metrics do not need it.
+	return nil
+}
+
+// loadFilter builds the entity filter the first time it is called; other
+// calls wait for that build to end. New leaves the filter out because
+// scanning every entity key takes about as long as loading the rest, and
+// only applying records needs it: ApplyBatch and installStates call
+// loadFilter before they create or look up an entity, and Run calls it
+// first, so that a restart serves /metrics while the keys are scanned and
+// consumption rarely waits. It must be called without p.mu: the scan runs
+// without it, so that scrapes and readiness checks go on meanwhile. No
+// entity is stored during the scan, since every path that stores one
+// calls loadFilter first; a deleted one is only a false positive.
+func (p *Processor) loadFilter() {
+	p.filterOnce.Do(func() {
+		p.mu.Lock()
+		n := max(int(p.entityCount), p.entities.live)
+		p.mu.Unlock()
+		start := time.Now()
+		f := newEntityFilter(2 * n)
+		err := p.st.EntityKeys(func(key []byte) { f.add(xxhash.Sum64(key[1:])) })
+		if err != nil {
+			// Every key may then be stored: each new entity costs a
+			// lookup until the next flush rebuilds the filter, which
+			// fails that flush if the scan fails again.
+			p.logger.Error("building the entity filter; looking every entity up in the store until the next flush", "err", err)
+			f = saturatedFilter()
+		} else {
+			p.logger.Info("entity filter built", "keys", f.n, "took", time.Since(start).Round(time.Millisecond))
+		}
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		p.entities.each(func(_ uint32, r *entityRec) { f.add(xxhash.Sum64(p.entities.key(r))) })
+		p.known = f
+	})
 }
 
 // rebuildFilter sizes the entity filter for twice the entities there are
@@ -622,6 +660,7 @@ func (b *Batch) Add(d *Decoder, topicStage int, m *kafka.Message) {
 // below the partition's next offset were applied before and are skipped, so
 // a redelivered batch changes nothing.
 func (p *Processor) ApplyBatch(b *Batch) {
+	p.loadFilter()
 	if p.pending.Load() >= 2*p.pendingLimit {
 		// Flushes do not keep up: write before taking more, so that the
 		// deltas held in memory stay bounded. An error stalls the
@@ -1050,7 +1089,7 @@ func (p *Processor) flushLocked(ctx context.Context, sweep bool) error {
 		}
 	}
 	p.evict()
-	if p.known.full() {
+	if p.known != nil && p.known.full() {
 		return p.rebuildFilter()
 	}
 	return nil
@@ -1384,10 +1423,12 @@ func (p *Processor) evict() {
 	})
 }
 
-// Run flushes every flush interval until ctx is done, then flushes once
-// more so that a graceful shutdown loses nothing. Flush errors are logged
-// and retried; Run returns the error of the final flush.
+// Run builds the entity filter (see loadFilter), then flushes every flush
+// interval until ctx is done, then flushes once more so that a graceful
+// shutdown loses nothing. Flush errors are logged and retried; Run returns
+// the error of the final flush.
 func (p *Processor) Run(ctx context.Context) error {
+	p.loadFilter()
 	t := time.NewTicker(D(p.cfg.FlushInterval))
 	defer t.Stop()
 	for {

@@ -892,6 +892,7 @@ func (s *ScaleOut) readEntityStates(ctx context.Context, plans []*restorePlan) (
 // of those partitions.
 func (s *ScaleOut) installStates(plans []*restorePlan, states map[int]map[string]*markerEntity) error {
 	p := s.entities
+	p.loadFilter()
 	p.flushMu.Lock()
 	defer p.flushMu.Unlock()
 	p.mu.Lock()

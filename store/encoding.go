@@ -39,6 +39,15 @@ func DecodeVector(dst Vector, b []byte) (Vector, error) {
 	}
 	b = b[k:]
 	for i := uint64(0); i < n; i++ {
+		if len(b) > 0 && b[0] < 0x80 {
+			// Most elements are small: a one-byte varint decoded inline
+			// (zigzag, as binary.Varint does) cut decoding at start-up,
+			// which reads every bucket of the ranges' span, by half.
+			u := uint64(b[0])
+			dst = append(dst, int64(u>>1)^-int64(u&1))
+			b = b[1:]
+			continue
+		}
 		x, k := binary.Varint(b)
 		if k <= 0 {
 			return dst, fmt.Errorf("vector element %d: %w", i, errCorrupt)

@@ -419,6 +419,22 @@ func (s *Store) Histograms(fn func(step int, v Vector)) error {
 // Buckets calls fn for every segment's bucket in [lo, hi], in bucket order.
 // seg and v are only valid during the call.
 func (s *Store) Buckets(lo, hi int64, fn func(bucket int64, seg []byte, v Vector)) error {
+	var vec Vector
+	return s.EncodedBuckets(lo, hi, func(b int64, seg, enc []byte) error {
+		var err error
+		if vec, err = DecodeVector(vec[:0], enc); err != nil {
+			return fmt.Errorf("bucket %d: %w", b, err)
+		}
+		fn(b, seg, vec)
+		return nil
+	})
+}
+
+// EncodedBuckets is Buckets without decoding the vectors: fn gets each as
+// DecodeVector reads it, so that the caller can decode it elsewhere. seg
+// and enc are only valid during the call; an error of fn ends the scan and
+// is returned.
+func (s *Store) EncodedBuckets(lo, hi int64, fn func(bucket int64, seg, enc []byte) error) error {
 	if hi < lo {
 		return nil
 	}
@@ -430,7 +446,6 @@ func (s *Store) Buckets(lo, hi int64, fn func(bucket int64, seg []byte, v Vector
 	if err != nil {
 		return fmt.Errorf("scan buckets: %w", err)
 	}
-	var vec Vector
 	for iter.First(); iter.Valid(); iter.Next() {
 		b, seg, err := parseBucketKey(iter.Key())
 		if err != nil {
@@ -438,14 +453,14 @@ func (s *Store) Buckets(lo, hi int64, fn func(bucket int64, seg []byte, v Vector
 			return err
 		}
 		v, err := iter.ValueAndErr()
-		if err == nil {
-			vec, err = DecodeVector(vec[:0], v)
-		}
 		if err != nil {
 			iter.Close()
 			return fmt.Errorf("bucket %d: %w", b, err)
 		}
-		fn(b, seg, vec)
+		if err := fn(b, seg, v); err != nil {
+			iter.Close()
+			return err
+		}
 	}
 	if err := iter.Close(); err != nil {
 		return fmt.Errorf("scan buckets: %w", err)

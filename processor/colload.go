@@ -1,0 +1,115 @@
+package processor
+
+import (
+	"math"
+
+	"github.com/funnelwatch/funnelwatch/store"
+)
+
+// The start-up scan (loadRanges) reads every bucket of the ranges' span,
+// in bucket order, and fills the columns from it: tens of megabytes for a
+// few weeks of one-minute buckets. Appending to each column grew it by a
+// quarter at a time, copying and clearing it about four times over (an
+// eighth of a start-up's CPU), and left up to a quarter of it unused. So
+// the scan appends each column's entries to chunks of its own instead,
+// which it never copies, and colLoaded then copies them once into a column
+// of the exact size.
+
+// Chunks hold from minChunkEntries to maxChunkEntries entries, doubling,
+// so that the many sparse segments take little and the dense ones few
+// chunks.
+const (
+	minChunkEntries = 16
+	maxChunkEntries = 4096
+)
+
+// colLoad adds bucket b of the start-up scan to the segment's column
+// chunks; it is colAddGroup for every group, for buckets that come in
+// increasing order, each once. It reports false when the columns cannot be
+// used, as colAddGroup does.
+func (p *Processor) colLoad(s *segment, b int64, v store.Vector) bool {
+	if s.fill == nil {
+		s.fill = make([][][]int32, len(p.cols.groups))
+	}
+	for g := range p.cols.groups {
+		grp := &p.cols.groups[g]
+		if b < grp.from {
+			continue // below every range that reads the group
+		}
+		zero := true
+		for _, i := range grp.idx {
+			if i < len(v) && v[i] != 0 {
+				zero = false
+				break
+			}
+		}
+		if zero {
+			continue
+		}
+		stride := 1 + len(grp.idx)
+		c := &s.cols[g]
+		chunks := s.fill[g]
+		if len(chunks) == 0 {
+			c.base = b
+		}
+		off := b - c.base
+		if off > math.MaxInt32 {
+			return false // a span of more than 2^31 buckets
+		}
+		p.colBytes += 4 * int64(stride)
+		if p.colBytes > p.colBudget {
+			return false
+		}
+		n := len(chunks)
+		if n == 0 || len(chunks[n-1]) == cap(chunks[n-1]) {
+			entries := minChunkEntries
+			if n > 0 {
+				entries = min(2*cap(chunks[n-1])/stride, maxChunkEntries)
+			}
+			chunks = append(chunks, make([]int32, 0, entries*stride))
+			s.fill[g] = chunks
+			n++
+		}
+		ch := append(chunks[n-1], int32(off))
+		for slot, i := range grp.idx {
+			var d int64
+			if i < len(v) {
+				d = v[i]
+			}
+			if d > math.MinInt32 && d <= math.MaxInt32 {
+				ch = append(ch, int32(d))
+				continue
+			}
+			ch = append(ch, wideMark)
+			if s.wide == nil {
+				s.wide = map[wideKey]int64{}
+			}
+			s.wide[wideKey{g, slot, b}] = d
+		}
+		chunks[n-1] = ch
+	}
+	return true
+}
+
+// colLoaded moves the chunks colLoad filled into the columns, each sized
+// to its entries.
+func (p *Processor) colLoaded() {
+	for _, s := range p.segmentList {
+		for g, chunks := range s.fill {
+			n := 0
+			for _, ch := range chunks {
+				n += len(ch)
+			}
+			if n == 0 {
+				continue
+			}
+			data := make([]int32, 0, n)
+			for _, ch := range chunks {
+				data = append(data, ch...)
+			}
+			c := &s.cols[g]
+			c.data, c.start = data, 0
+		}
+		s.fill = nil
+	}
+}
