@@ -36,14 +36,7 @@ func (p *Processor) colLoad(s *segment, b int64, v store.Vector) bool {
 		if b < grp.from {
 			continue // below every range that reads the group
 		}
-		zero := true
-		for _, i := range grp.idx {
-			if i < len(v) && v[i] != 0 {
-				zero = false
-				break
-			}
-		}
-		if zero {
+		if !grp.holds(v) {
 			continue
 		}
 		stride := 1 + len(grp.idx)

@@ -35,6 +35,16 @@ type colGroup struct {
 	from int64
 }
 
+// holds reports whether v has a number other than zero in the group.
+func (g *colGroup) holds(v store.Vector) bool {
+	for _, i := range g.idx {
+		if i < len(v) && v[i] != 0 {
+			return true
+		}
+	}
+	return false
+}
+
 // colOp adds the value in slot of a column entry to sums[off].
 type colOp struct {
 	slot int
@@ -145,8 +155,11 @@ func (c *column) nextBucket(stride, e int) int64 {
 }
 
 // search returns the first entry at or after bucket b.
-func (c *column) search(stride int, b int64) int {
-	lo, hi := 0, c.len(stride)
+func (c *column) search(stride int, b int64) int { return c.searchIn(stride, 0, c.len(stride), b) }
+
+// searchIn returns the first entry at or after bucket b among the entries
+// lo to hi, hi if there is none.
+func (c *column) searchIn(stride, lo, hi int, b int64) int {
 	for lo < hi {
 		m := int(uint(lo+hi) >> 1)
 		if c.bucket(stride, m) < b {
@@ -184,14 +197,7 @@ func (p *Processor) colAddGroup(s *segment, g int, b int64, v store.Vector) bool
 	if b < grp.from {
 		return true // below every range that reads the group
 	}
-	zero := true
-	for _, i := range grp.idx {
-		if i < len(v) && v[i] != 0 {
-			zero = false
-			break
-		}
-	}
-	if zero {
+	if !grp.holds(v) {
 		return true
 	}
 	stride := 1 + len(grp.idx)
@@ -411,14 +417,8 @@ func (p *Processor) colMerge(s *segment, g int, fl []flushedBucket) bool {
 	add := p.colAdds[:0]
 	defer func() { clear(add); p.colAdds = add[:0] }()
 	for _, f := range fl {
-		if f.b < grp.from {
-			continue
-		}
-		for _, i := range grp.idx {
-			if i < len(f.v) && f.v[i] != 0 {
-				add = append(add, f)
-				break
-			}
+		if f.b >= grp.from && grp.holds(f.v) {
+			add = append(add, f)
 		}
 	}
 	if len(add) == 0 {
@@ -490,16 +490,7 @@ func (c *column) seek(stride, e int, b int64) int {
 		hi += step
 		step *= 2
 	}
-	hi = min(hi, n)
-	for e < hi {
-		m := int(uint(e+hi) >> 1)
-		if c.bucket(stride, m) < b {
-			e = m + 1
-		} else {
-			hi = m
-		}
-	}
-	return e
+	return c.searchIn(stride, e, min(hi, n), b)
 }
 
 // tapOps sets, for every tap, the column groups its ranges read and how

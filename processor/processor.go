@@ -21,7 +21,6 @@ import (
 	"log/slog"
 	"math"
 	"slices"
-
 	"sync"
 	"sync/atomic"
 	"time"
