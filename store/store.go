@@ -79,11 +79,13 @@ func Open(dir string, o Options) (*Store, error) {
 		Logger:       pebbleLogger{o.Logger},
 		ReadOnly:     o.ReadOnly,
 		MemTableSize: 32 << 20,
-		// Every flush rewrites entity states keyed all over the key space,
+		// Every flush writes entity states keyed all over the key space,
 		// so every L0 compaction rewrites most of the base level. Waiting
 		// for eight L0 sublevels instead of Pebble's four halves how often
-		// that happens (-15-20% CPU in a replay, docs/performance.md); a
-		// read checks at most that many more L0 tables, behind bloom filters.
+		// that happens (-9% CPU in the default bench's replay, -15-20% in
+		// a shorter one: docs/performance.md); a read checks up to four
+		// more L0 tables, each behind a bloom filter. Writes stall at 32
+		// sublevels, above the threshold as Pebble requires.
 		L0CompactionThreshold: 8,
 		L0StopWritesThreshold: 32,
 	}
