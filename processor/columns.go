@@ -407,8 +407,9 @@ type flushedBucket struct {
 // colMerge adds the flushed deltas fl (in bucket order) of s to its column
 // of group g. The records of a catch-up come from partitions at different
 // event times, so a flush's buckets can fall before the last one a column
-// holds: it makes room for all the new entries at once, moving the
-// column's tail once, then adds, walking the column and fl side by side.
+// holds: it finds each delta's entry by galloping from the previous one,
+// makes room for all the new entries at once, moving each run of entries
+// between two new ones once, then adds.
 func (p *Processor) colMerge(s *segment, g int, fl []flushedBucket) bool {
 	grp := &p.cols.groups[g]
 	stride := 1 + len(grp.idx)
