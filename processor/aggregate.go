@@ -50,6 +50,11 @@ type segment struct {
 	vol    volumeEval
 	// statusDirty is set when status changed since the last flush.
 	statusDirty bool
+	// frozen is set on stage 2 of the scale-out mode for the segments of
+	// the partitions the replica does not hold (docs/scaling.md): they
+	// keep the numbers and flags they had, evaluate leaves them alone and
+	// snapshots omit them. Written under mu and sumsMu.
+	frozen bool
 }
 
 // stepEval is a degradation evaluation of one alerting step.
@@ -424,11 +429,17 @@ func (p *Processor) loadRanges(now int64) error {
 
 // evaluate runs degradation and volume detection (SPEC §3) on every
 // segment at the current positions, with hysteresis.
-func (p *Processor) evaluate() {
+func (p *Processor) evaluate() { p.evaluateSegments(p.segmentList) }
+
+// evaluateSegments evaluates the segments of list. It runs under sumsMu.
+func (p *Processor) evaluateSegments(list []*segment) {
 	l := p.layout
 	a := p.cfg.Alerts
 	histStart, hasHistory := p.evalHistoryStart, p.evalHasHistory
-	for _, s := range p.segmentList {
+	for _, s := range list {
+		if s.frozen {
+			continue
+		}
 		for t, sl := range l.steps {
 			if !sl.alerting {
 				continue

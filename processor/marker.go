@@ -23,8 +23,17 @@ type marker struct {
 	HasHistory   bool
 	Segments     []markerSegment
 	Hist         [][]int64
+	// Status holds the degradation flags of the segments whose flags the
+	// writer's stage 2 changed since its previous marker, for the segments
+	// it exports: a replica that takes over their partition starts from
+	// them (version 2 on).
+	Status []markerStatus
 	// entities are in a section of their own (see appendMarker).
 	entities []markerEntity
+	// version is the version of a decoded record older than
+	// markerVersion, so that it re-encodes as it was read; 0 means
+	// markerVersion.
+	version byte
 }
 
 // markerPart is the range of an input partition a marker covers: From is
@@ -43,6 +52,25 @@ type markerSegment struct {
 	Totals    []int64
 }
 
+// flagsOnly reports whether m covers no records: a marker sent only for
+// its flags.
+func (m *marker) flagsOnly() bool {
+	for _, p := range m.Parts {
+		if p.From != p.To {
+			return false
+		}
+	}
+	return true
+}
+
+// markerStatus is a segment's degradation flags (1 = degraded), in the
+// order of segment.status.
+type markerStatus struct {
+	Breakdown int
+	Labels    []string
+	Flags     []int64
+}
+
 type markerEntity struct {
 	Partition int
 	ID        []byte
@@ -55,8 +83,8 @@ type markerEntity struct {
 // markerVersion is the version of the marker records this build writes,
 // and the newest it reads. A new version is rolled out readers first
 // (docs/scaling.md#marker-format): a decoder reads every version up to its
-// own.
-const markerVersion = 1
+// own. Version 2 added the segments' flags (marker.Status).
+const markerVersion = 2
 
 // A marker record (docs/scaling.md#marker-format) is, in order:
 //
@@ -64,7 +92,8 @@ const markerVersion = 1
 //	header    writer (8 bytes), seq, clock, last event, history start,
 //	          has history (byte), parts (topic, partition, from, to)
 //	deltas    4-byte length, then segments (breakdown, labels, totals,
-//	          buckets with their vectors) and histograms
+//	          buckets with their vectors), histograms and (version 2 on)
+//	          flags (breakdown, labels, flags)
 //	entities  4-byte length, then groups of one entity-partition in
 //	          ascending order: partition, 4-byte length, entities
 //
@@ -88,7 +117,14 @@ func encodeMarker(m *marker) ([]byte, error) {
 
 // appendMarker appends the record of m to dst.
 func appendMarker(dst []byte, m *marker) ([]byte, error) {
-	dst = append(dst, markerVersion)
+	version := m.version
+	if version == 0 {
+		version = markerVersion
+	}
+	if version < 2 && len(m.Status) > 0 {
+		return nil, fmt.Errorf("encode marker: version %d has no flags", version)
+	}
+	dst = append(dst, version)
 	dst = binary.LittleEndian.AppendUint64(dst, m.Writer)
 	dst = binary.AppendUvarint(dst, m.Seq)
 	dst = binary.AppendVarint(dst, m.Clock)
@@ -141,6 +177,17 @@ func appendMarker(dst []byte, m *marker) ([]byte, error) {
 	dst = binary.AppendUvarint(dst, uint64(len(m.Hist)))
 	for _, h := range m.Hist {
 		dst = appendVarints(dst, h)
+	}
+	if version >= 2 {
+		dst = binary.AppendUvarint(dst, uint64(len(m.Status)))
+		for _, st := range m.Status {
+			dst = binary.AppendVarint(dst, int64(st.Breakdown))
+			dst = binary.AppendUvarint(dst, uint64(len(st.Labels)))
+			for _, l := range st.Labels {
+				dst = appendString(dst, l)
+			}
+			dst = appendVarints(dst, st.Flags)
+		}
 	}
 	dst, err := endSection(dst, start)
 	if err != nil {
@@ -450,6 +497,10 @@ func (d *markerDecoder) header(b []byte) (*marker, markerReader, error) {
 	}
 	r := markerReader{b: b[1:]}
 	m := &d.m
+	m.version = b[0]
+	if m.version == markerVersion {
+		m.version = 0
+	}
 	m.Writer = r.fixed64()
 	m.Seq = r.uvarint()
 	m.Clock = r.varint()
@@ -511,6 +562,20 @@ func (d *markerDecoder) deltas(r markerReader) error {
 	for i := range m.Hist {
 		m.Hist[i] = resize(m.Hist[i], s.count("histogram", 1))
 		s.varints(m.Hist[i])
+	}
+	m.Status = m.Status[:0]
+	if m.version == 0 || m.version >= 2 {
+		m.Status = resize(m.Status, s.count("flags", 3))
+		for i := range m.Status {
+			st := &m.Status[i]
+			st.Breakdown = s.int("breakdown")
+			st.Labels = resize(st.Labels, s.count("labels", 1))
+			for j := range st.Labels {
+				st.Labels[j] = d.str(&s, "label")
+			}
+			st.Flags = resize(st.Flags, s.count("flags", 1))
+			s.varints(st.Flags)
+		}
 	}
 	s.done("deltas")
 	r.section("entities")

@@ -30,6 +30,10 @@ func sampleMarker() *marker {
 			{Breakdown: 1, Labels: []string{""}},
 		},
 		Hist: [][]int64{{1, 2, 3, 1_000_000}, nil, {-5}},
+		Status: []markerStatus{
+			{Breakdown: 2, Labels: []string{"paid_search", "emea"}, Flags: []int64{1, 0, 0}},
+			{Breakdown: 0, Flags: []int64{0, 0, 0}},
+		},
 		entities: []markerEntity{
 			{Partition: 0, ID: []byte("contact-1"), LastSeen: 1_763_899_999_123, Reached: []int64{1_763_899_000_000, 1_763_899_999_123, store.NotReached}, Seen: []uint64{1, math.MaxUint64}, Dims: []string{"paid_search", "emea"}},
 			{Partition: 0, ID: []byte("contact-2"), LastSeen: 5, Reached: []int64{math.MaxInt64, math.MinInt64 + 1, 6}},
@@ -90,6 +94,39 @@ func TestMarkerRoundTrip(t *testing.T) {
 	}
 }
 
+// TestMarkerVersion1: records of version 1 (no flags), which the previous
+// release writes, decode and re-encode byte for byte; flags cannot be
+// written in them.
+func TestMarkerVersion1(t *testing.T) {
+	m := sampleMarker()
+	m.Status, m.version = nil, 1
+	b, err := encodeMarker(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b[0] != 1 {
+		t.Fatalf("got version %d; want 1", b[0])
+	}
+	got, err := decodeMarker(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(got, m) {
+		t.Errorf("decodeMarker(version 1) = %+v; want %+v", got, m)
+	}
+	again, err := encodeMarker(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(again, b) {
+		t.Errorf("re-encoded version 1 record differs:\n got %x\nwant %x", again, b)
+	}
+	m.Status = sampleMarker().Status
+	if _, err := encodeMarker(m); err == nil {
+		t.Error("encodeMarker(version 1 with flags) succeeded; want an error")
+	}
+}
+
 // TestMarkerEncodeInvalid: a segment whose vectors do not divide into its
 // buckets cannot be encoded.
 func TestMarkerEncodeInvalid(t *testing.T) {
@@ -134,6 +171,17 @@ func normalize(m *marker) *marker {
 			h = nil
 		}
 		c.Hist = append(c.Hist, slices.Clip(h))
+	}
+	c.Status = nil
+	for _, st := range m.Status {
+		if len(st.Labels) == 0 {
+			st.Labels = nil
+		}
+		if len(st.Flags) == 0 {
+			st.Flags = nil
+		}
+		st.Labels, st.Flags = slices.Clip(st.Labels), slices.Clip(st.Flags)
+		c.Status = append(c.Status, st)
 	}
 	return &c
 }
@@ -230,7 +278,7 @@ func TestMarkerDecodeInvalid(t *testing.T) {
 	}
 	sec := func(b []byte, body ...byte) []byte { return section(b, uint32(len(body)), body...) }
 	deltas := func(body ...byte) []byte { return sec(header(0), body...) }
-	ents := func(body ...byte) []byte { return sec(deltas(0, 0), body...) }
+	ents := func(body ...byte) []byte { return sec(deltas(0, 0, 0), body...) }
 	uv := binary.AppendUvarint
 	for _, tc := range []struct {
 		name      string
@@ -249,8 +297,10 @@ func TestMarkerDecodeInvalid(t *testing.T) {
 		{"width over the bytes left", deltas(1, 0, 0, 0, 1, 100, 0, 0), true},
 		{"huge histogram", deltas(append([]byte{0, 1}, uv(nil, math.MaxUint64)...)...), true},
 		{"bad varint", deltas(0, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01), true},
-		{"missing entities section", deltas(0, 0), true},
-		{"trailing bytes in deltas", sec(deltas(0, 0, 9)), false},
+		{"huge flags count", deltas(append([]byte{0, 0}, uv(nil, math.MaxUint64)...)...), true},
+		{"flags over the bytes left", deltas(0, 0, 1, 0, 0, 5, 0), true},
+		{"missing entities section", deltas(0, 0, 0), true},
+		{"trailing bytes in deltas", sec(deltas(0, 0, 0, 9)), false},
 		{"trailing bytes after the record", append(ents(), 0), false},
 		{"has history not a boolean", append(append([]byte{markerVersion}, make([]byte, 12)...), 2, 0), false},
 		{"huge entities count", ents(append([]byte{2}, sec(nil, uv(nil, math.MaxUint64)...)...)...), true},
@@ -273,7 +323,9 @@ func TestMarkerDecodeInvalid(t *testing.T) {
 }
 
 func FuzzDecodeMarker(f *testing.F) {
-	for _, m := range []*marker{{}, sampleMarker(), benchMarker(2, 3, 2)} {
+	v1 := sampleMarker()
+	v1.Status, v1.version = nil, 1
+	for _, m := range []*marker{{}, sampleMarker(), benchMarker(2, 3, 2), v1} {
 		b, err := encodeMarker(m)
 		if err != nil {
 			f.Fatal(err)

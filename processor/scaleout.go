@@ -6,9 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math"
 	"math/rand/v2"
 	"slices"
+	"sort"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -93,6 +95,23 @@ type ScaleOut struct {
 	seq      map[int]int64
 	histPend []histEntry
 
+	// Stage 2 keeps the segments of the segment-partitions it holds, under
+	// segments.mu: held are those it applies markers to (restored and
+	// assigned), segPos is, for each other one whose segments it has, the
+	// deltas offset up to which their deltas are in its state. heldView is
+	// held for the collector. A segment belongs to the partition
+	// segmentPart gives it; bdNames are the breakdowns' names.
+	held     map[int]bool
+	segPos   map[int]int64
+	heldView atomic.Pointer[map[int]bool]
+	bdNames  []string
+	keyBuf   []byte
+
+	// flagsOut holds the flags of the held segments changed since the last
+	// marker, by segment key: the next marker carries them.
+	flagsMu  sync.Mutex
+	flagsOut map[string]markerStatus
+
 	waitMu  sync.Mutex
 	waiters map[markerKey]chan decision
 
@@ -154,6 +173,9 @@ func NewScaleOut(cfg Config, entityStore, segmentStore *store.Store, o Options) 
 		localSeq: map[int]int64{},
 		applied:  map[store.TopicPartition]int64{},
 		seq:      map[int]int64{},
+		held:     map[int]bool{},
+		segPos:   map[int]int64{},
+		flagsOut: map[string]markerStatus{},
 		waiters:  map[markerKey]chan decision{},
 		initDone: make(chan struct{}),
 		fenced:   make(chan struct{}),
@@ -161,6 +183,9 @@ func NewScaleOut(cfg Config, entityStore, segmentStore *store.Store, o Options) 
 			"Deltas-topic records left to read to restore the state of newly assigned partitions.", nil, nil),
 		ownedDesc: prometheus.NewDesc("funnel_scale_out_partitions_owned",
 			"Entity-partitions this replica consumes and exports the segments of.", nil, nil),
+	}
+	for _, b := range cfg.Segments.Breakdowns {
+		s.bdNames = append(s.bdNames, BreakdownName(b))
 	}
 	p1.scale = &scaleHooks{prepare: s.prepareMarker, beforeCommit: s.sendMarker, entitiesOnly: true}
 	p2.scale = &scaleHooks{prepare: s.prepareAccepted, beforeCommit: func(context.Context, *store.Batch) error { return nil }}
@@ -258,7 +283,8 @@ func (s *ScaleOut) fence() { s.fenceOnce.Do(func() { close(s.fenced) }) }
 func appliedMeta(tp store.TopicPartition) string {
 	return "scale_applied/" + tp.Topic + "/" + strconv.Itoa(tp.Partition)
 }
-func seqMeta(ep int) string { return "scale_seq/" + strconv.Itoa(ep) }
+func seqMeta(ep int) string   { return "scale_seq/" + strconv.Itoa(ep) }
+func segPosMeta(q int) string { return "scale_segpos/" + strconv.Itoa(q) }
 func histMeta(ep int, seq int64) string {
 	return "scale_hist/" + strconv.Itoa(ep) + "/" + strconv.FormatInt(seq, 10)
 }
@@ -357,7 +383,32 @@ func (s *ScaleOut) tryInit(ctx context.Context) error {
 			}
 		}
 	}
-	pos := max(p2.partition(s.topic, 0).next, 0)
+	next := p2.partition(s.topic, 0).next
+	found := false
+	for q := range parts {
+		off, ok, err := p2.st.Meta(segPosMeta(q))
+		if err != nil {
+			return err
+		}
+		if ok {
+			s.segPos[q], found = off, true
+		}
+	}
+	if !found && next > 0 {
+		// A store of the release that kept every segment: all of them
+		// are up to date.
+		for q := range parts {
+			s.segPos[q] = next
+		}
+	}
+	// Nothing is held before the first generation's restore.
+	p2.sumsMu.Lock()
+	for _, sg := range p2.segmentList {
+		sg.frozen = true
+	}
+	p2.sumsMu.Unlock()
+	s.heldView.Store(&map[int]bool{})
+	pos := max(next, 0)
 	s.readPos.Store(pos)
 	s.startEnd = end
 	s.caughtUp.Store(pos >= end)
@@ -470,7 +521,24 @@ func (s *ScaleOut) prepareMarker(f *inflight, _ *store.Batch) {
 		}
 	}
 	if len(parts) == 0 {
-		return
+		// Flags changed with no new input (a quiet partition, the end of a
+		// catch-up): a marker of empty ranges of the partitions this
+		// replica owns carries them, accepted or fenced like any other.
+		s.flagsMu.Lock()
+		flags := len(s.flagsOut) > 0
+		s.flagsMu.Unlock()
+		owned := s.owned.Load()
+		if !flags || owned == nil {
+			return
+		}
+		for _, fp := range f.parts {
+			if fp.next >= 0 && (*owned)[fp.part.tp.Partition] {
+				parts = append(parts, markerPart{Topic: fp.part.tp.Topic, Partition: fp.part.tp.Partition, From: fp.next, To: fp.next})
+			}
+		}
+		if len(parts) == 0 {
+			return
+		}
 	}
 	m := &marker{
 		Writer: s.writer, Seq: s.nextSeq.Add(1), Parts: parts,
@@ -492,6 +560,12 @@ func (s *ScaleOut) prepareMarker(f *inflight, _ *store.Batch) {
 	for _, h := range f.hist {
 		m.Hist = append(m.Hist, slices.Clone(h))
 	}
+	s.flagsMu.Lock()
+	for k, st := range s.flagsOut {
+		m.Status = append(m.Status, st)
+		delete(s.flagsOut, k)
+	}
+	s.flagsMu.Unlock()
 	t := p.entities
 	for _, idx := range f.dirty {
 		e := t.rec(idx)
@@ -572,6 +646,13 @@ func (s *ScaleOut) sendMarker(ctx context.Context, b *store.Batch) error {
 		s.fence()
 		return fmt.Errorf("wait for the marker's decision: %w (%w)", ctx.Err(), ErrFenced)
 	}
+	if !d.accepted && m.flagsOnly() {
+		// Its partitions moved on without this replica, which is fenced
+		// by its next marker with records if it is a zombie; the flags
+		// were only a hint for the next owner.
+		s.logger.Debug("a marker of flags only was rejected", "parts", m.Parts)
+		return nil
+	}
 	if !d.accepted {
 		s.logger.Error("a marker of this replica was rejected: another replica continued its partitions", "parts", m.Parts)
 		s.fence()
@@ -643,7 +724,7 @@ func (s *ScaleOut) applyMarker(off int64, m *marker, readable bool) {
 				s.histPend = append(s.histPend, histEntry{mp.Partition, s.seq[mp.Partition], off})
 			}
 		}
-		s.applyDeltas(m)
+		s.applyDeltas(m, func(q int) bool { return s.held[q] }, false)
 	} else {
 		part.counts.duplicate++
 	}
@@ -660,29 +741,26 @@ func (s *ScaleOut) applyMarker(off int64, m *marker, readable bool) {
 }
 
 // applyDeltas adds an accepted marker's deltas to stage 2's pending state,
-// as ApplyBatch does for events. It runs under stage 2's mutex.
-func (s *ScaleOut) applyDeltas(m *marker) {
+// as ApplyBatch does for events, for the segments of the segment-partitions
+// want accepts. A restore also takes the flags the marker carries for them,
+// and skips the buckets stage 2 has deleted since. It runs under stage 2's
+// mutex.
+func (s *ScaleOut) applyDeltas(m *marker, want func(q int) bool, restore bool) {
 	p := s.segments
 	l := p.layout
-	var key []byte
 	for i := range m.Segments {
 		ms := &m.Segments[i]
-		if ms.Breakdown >= len(p.breakdownDims) || len(ms.Labels) != len(p.breakdownDims[ms.Breakdown]) ||
-			len(ms.Vecs) != len(ms.Buckets)*l.vecLen || len(ms.Totals) != l.stages {
+		if len(ms.Vecs) != len(ms.Buckets)*l.vecLen || len(ms.Totals) != l.stages {
 			continue // another configuration
 		}
-		key = append(key[:0], byte(ms.Breakdown))
-		for j, dim := range p.breakdownDims[ms.Breakdown] {
-			id, _ := p.dict.id(dim, []byte(ms.Labels[j]), false)
-			key = binary.BigEndian.AppendUint32(key, id)
-		}
-		seg, found := p.segments[store.Segment(key)]
-		if !found {
-			p.sumsMu.Lock()
-			seg = p.segmentFor(key)
-			p.sumsMu.Unlock()
+		seg := s.segmentOf(ms.Breakdown, ms.Labels, want)
+		if seg == nil {
+			continue
 		}
 		for j, b := range ms.Buckets {
+			if restore && b < p.deletedBefore {
+				continue
+			}
 			v := seg.lookup(p, b, false)
 			for k, x := range ms.Vecs[j*l.vecLen : (j+1)*l.vecLen] {
 				v[k] += x
@@ -692,12 +770,28 @@ func (s *ScaleOut) applyDeltas(m *marker) {
 			seg.totalsDelta[j] += x
 		}
 	}
-	for t, h := range m.Hist {
-		if t < len(p.histDelta) && len(h) == len(p.histDelta[t]) {
-			for i, x := range h {
-				p.histDelta[t][i] += x
+	if want(s.segmentPart("all", 0, nil)) {
+		for t, h := range m.Hist {
+			if t < len(p.histDelta) && len(h) == len(p.histDelta[t]) {
+				for i, x := range h {
+					p.histDelta[t][i] += x
+				}
 			}
 		}
+	}
+	for _, st := range m.Status {
+		if !restore {
+			break
+		}
+		seg := s.segmentOf(st.Breakdown, st.Labels, want)
+		if seg == nil || len(st.Flags) != len(seg.status) {
+			continue
+		}
+		p.sumsMu.Lock()
+		for i, f := range st.Flags {
+			p.setStatus(seg, i, f == 1)
+		}
+		p.sumsMu.Unlock()
 	}
 	p.clock = max(p.clock, m.Clock)
 	p.lastEvent = max(p.lastEvent, m.LastEvent)
@@ -706,9 +800,66 @@ func (s *ScaleOut) applyDeltas(m *marker) {
 	}
 }
 
+// segmentOf returns stage 2's segment of a breakdown and its labels when
+// want accepts its segment-partition, creating it (frozen unless held); nil
+// otherwise or when the breakdown is not of this configuration. It runs
+// under stage 2's mutex.
+func (s *ScaleOut) segmentOf(breakdown int, labels []string, want func(q int) bool) *segment {
+	p := s.segments
+	if breakdown < 0 || breakdown >= len(p.breakdownDims) || len(labels) != len(p.breakdownDims[breakdown]) {
+		return nil
+	}
+	q := s.segmentPart(s.bdNames[breakdown], len(labels), func(i int) string { return labels[i] })
+	if !want(q) {
+		return nil
+	}
+	key := append(s.keyBuf[:0], byte(breakdown))
+	for j, dim := range p.breakdownDims[breakdown] {
+		id, _ := p.dict.id(dim, []byte(labels[j]), false)
+		key = binary.BigEndian.AppendUint32(key, id)
+	}
+	s.keyBuf = key
+	if seg, ok := p.segments[store.Segment(key)]; ok {
+		return seg
+	}
+	p.sumsMu.Lock()
+	defer p.sumsMu.Unlock()
+	seg := p.segmentFor(key)
+	seg.frozen = !s.held[q]
+	return seg
+}
+
 // prepareAccepted writes stage 2's acceptance state into its flush's
 // batch, with the deltas it goes with. It runs under stage 2's mutex.
-func (s *ScaleOut) prepareAccepted(_ *inflight, b *store.Batch) {
+func (s *ScaleOut) prepareAccepted(f *inflight, b *store.Batch) {
+	p := s.segments
+	next := p.partition(s.topic, 0).next
+	for q := range int(s.parts.Load()) {
+		pos := s.segPos[q] // 0: none of its segments yet
+		if s.held[q] {
+			pos = max(next, 0)
+		}
+		b.SetMeta(segPosMeta(q), pos)
+	}
+	// The flags of the held segments go to this replica's next marker, for
+	// whoever holds their partition next.
+	p.sumsMu.Lock()
+	s.flagsMu.Lock()
+	for _, sg := range f.statusDirty {
+		if !sg.frozen {
+			st := markerStatus{Breakdown: sg.breakdown, Labels: sg.labels}
+			for _, on := range sg.status {
+				f := int64(0)
+				if on {
+					f = 1
+				}
+				st.Flags = append(st.Flags, f)
+			}
+			s.flagsOut[string(sg.key)] = st
+		}
+	}
+	s.flagsMu.Unlock()
+	p.sumsMu.Unlock()
 	for tp, off := range s.applied {
 		b.SetMeta(appliedMeta(tp), off)
 	}
@@ -833,6 +984,9 @@ func (s *ScaleOut) assign(ctx context.Context, tps []store.TopicPartition) error
 		}
 		s.logger.Info("restored partitions from the deltas topic", "partitions", len(plans), "entities", n, "records_read", read, "bytes_read", size, "took", time.Since(start).Round(time.Millisecond))
 	}
+	if err := s.restoreSegments(ctx, owned); err != nil {
+		return err
+	}
 	p1.mu.Lock()
 	if p1.eventClock {
 		p1.clock = max(p1.clock, clock)
@@ -840,6 +994,160 @@ func (s *ScaleOut) assign(ctx context.Context, tps []store.TopicPartition) error
 	p1.mu.Unlock()
 	s.remaining.Store(0)
 	return nil
+}
+
+// restoreSegments makes stage 2 hold the segment-partitions in owned and
+// no other. It freezes those it no longer owns, and brings the segments of
+// each newly owned one up to the accepted markers, reading the deltas topic
+// from where its state of them stops (the start of the topic for one never
+// held). A partition is held (markers apply to it) once the restore has
+// read up to stage 2's position, and exported once what the restore added
+// is flushed.
+func (s *ScaleOut) restoreSegments(ctx context.Context, owned map[int]bool) error {
+	p := s.segments
+	p.mu.Lock()
+	next := max(p.partition(s.topic, 0).next, 0)
+	released := false
+	for q := range s.held {
+		if !owned[q] {
+			delete(s.held, q)
+			s.segPos[q] = next
+			released = true
+		}
+	}
+	want := map[int]bool{}
+	from := int64(math.MaxInt64)
+	for q := range owned {
+		if !s.held[q] {
+			want[q] = true
+			from = min(from, s.segPos[q])
+		}
+	}
+	if released {
+		s.setFrozen()
+	}
+	p.mu.Unlock()
+	if len(want) == 0 {
+		return nil
+	}
+
+	start := time.Now()
+	r := s.newDeltasReader()
+	defer r.Close()
+	if err := r.SetOffset(from); err != nil {
+		return err
+	}
+	var (
+		dec              markerDecoder
+		read, size, used int64
+	)
+	pos := from
+	for {
+		p.mu.Lock()
+		if next := max(p.partition(s.topic, 0).next, 0); pos < next {
+			p.mu.Unlock()
+			s.remaining.Store(next - pos)
+		} else {
+			for q := range want {
+				s.held[q] = true
+				delete(s.segPos, q)
+			}
+			p.mu.Unlock()
+			break
+		}
+		msg, err := r.FetchMessage(ctx)
+		if err != nil {
+			return fmt.Errorf("restore segments from %q: %w", s.topic, err)
+		}
+		read++
+		size += int64(len(msg.Value))
+		pos = msg.Offset + 1
+		m, rest, err := dec.header(msg.Value)
+		accepted := false
+		if err == nil {
+			p.mu.Lock()
+			accepted, err = s.acceptedAt(msg.Offset, m)
+			p.mu.Unlock()
+			if err != nil {
+				return err
+			}
+		}
+		// Stage 2 rejected a marker whose deltas are unreadable.
+		accepted = accepted && dec.deltas(rest) == nil
+		p.mu.Lock()
+		if accepted {
+			s.applyDeltas(m, func(q int) bool { return want[q] && s.segPos[q] <= msg.Offset }, true)
+			used++
+		}
+		for q := range want {
+			s.segPos[q] = max(s.segPos[q], pos)
+		}
+		p.mu.Unlock()
+		if p.pending.Load() >= 2*p.pendingLimit {
+			if err := p.flush(ctx, false, 2*p.pendingLimit); err != nil {
+				return err
+			}
+		}
+	}
+	if err := p.flush(ctx, false, 0); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	s.setFrozen()
+	p.mu.Unlock()
+	s.logger.Info("restored segments from the deltas topic", "partitions", len(want), "records_read", read, "markers_applied", used, "bytes_read", size, "took", time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// setFrozen freezes the segments of the segment-partitions stage 2 does not
+// hold and exports those it holds. The segments it thaws are evaluated at
+// the current positions (their flags, restored, carry the hysteresis), since
+// the windows may not move again before they are scraped. It runs under
+// stage 2's mutex.
+func (s *ScaleOut) setFrozen() {
+	p := s.segments
+	p.sumsMu.Lock()
+	defer p.sumsMu.Unlock()
+	var thawed []*segment
+	for _, sg := range p.segmentList {
+		q := s.segmentPart(s.bdNames[sg.breakdown], len(sg.labels), func(i int) string { return sg.labels[i] })
+		frozen := !s.held[q]
+		if sg.frozen && !frozen {
+			thawed = append(thawed, sg)
+		}
+		sg.frozen = frozen
+	}
+	if p.positioned {
+		p.evaluateSegments(thawed)
+	}
+	held := maps.Clone(s.held)
+	s.heldView.Store(&held)
+}
+
+// acceptedAt reports whether stage 2 accepted the marker m it read at
+// deltas offset off: the accepted markers of an entity-partition are
+// numbered in offset order (histOffset), so a binary search over those of
+// m's first partition finds it. It runs under stage 2's mutex.
+func (s *ScaleOut) acceptedAt(off int64, m *marker) (bool, error) {
+	if len(m.Parts) == 0 {
+		return false, nil
+	}
+	ep := m.Parts[0].Partition
+	n := int(s.seq[ep])
+	var err error
+	i := sort.Search(n, func(i int) bool {
+		o, e := s.histOffset(ep, int64(i)+1)
+		if e != nil {
+			err = e
+			return true
+		}
+		return o >= off
+	})
+	if err != nil || i == n {
+		return false, err
+	}
+	o, err := s.histOffset(ep, int64(i)+1)
+	return o == off, err
 }
 
 // readEntityStates reads the markers the plans need and keeps, per
@@ -959,21 +1267,32 @@ func (s *ScaleOut) installStates(plans []*restorePlan, states map[int]map[string
 	return nil
 }
 
-// exported reports whether this replica exports a segment: the owner of
-// entity-partition hash(segment) mod P does.
+// exported reports whether this replica exports a segment: the replica
+// holding its segment-partition does.
 func (s *ScaleOut) exported(breakdown string, labels []Label) bool {
-	n := s.parts.Load()
-	owned := s.owned.Load()
-	if n == 0 || owned == nil {
+	held := s.heldView.Load()
+	if held == nil {
 		return false
+	}
+	return (*held)[s.segmentPart(breakdown, len(labels), func(i int) string { return labels[i].Value })]
+}
+
+// segmentPart returns the segment-partition of a segment, given its
+// breakdown's name and its n label values: xxhash(breakdown, labels) mod
+// P, P the input topics' partition count. The replica holding
+// entity-partition q holds segment-partition q.
+func (s *ScaleOut) segmentPart(breakdown string, n int, label func(i int) string) int {
+	parts := s.parts.Load()
+	if parts == 0 {
+		return -1
 	}
 	h := xxhash.New()
 	_, _ = h.WriteString(breakdown)
-	for _, l := range labels {
+	for i := range n {
 		_, _ = h.WriteString("\x00")
-		_, _ = h.WriteString(l.Value)
+		_, _ = h.WriteString(label(i))
 	}
-	return (*owned)[int(h.Sum64()%uint64(n))]
+	return int(h.Sum64() % uint64(parts))
 }
 
 // scaleCollector exports stage 1's operational series, stage 2's

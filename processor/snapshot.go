@@ -144,6 +144,9 @@ func (p *Processor) Snapshot() *Snapshot {
 	}
 	stages := cfg.Funnel.Stages
 	for _, s := range p.segmentList {
+		if s.frozen {
+			continue
+		}
 		v := SegmentView{Labels: []Label{}, ID: segmentID(string(s.key)), Breakdown: BreakdownName(cfg.Segments.Breakdowns[s.breakdown]), EventsTotal: append([]int64(nil), s.totals...), worst: math.Inf(1)}
 		for i, d := range cfg.Segments.Breakdowns[s.breakdown] {
 			v.Labels = append(v.Labels, Label{Name: d, Value: s.labels[i]})

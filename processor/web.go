@@ -172,8 +172,16 @@ func (p *Processor) Trends(hours int) (*Trend, error) {
 	if err != nil {
 		return nil, err
 	}
+	// A scaled-out replica's stage 2 keeps the segments it no longer
+	// exports, frozen: the page shows those of the snapshot only.
+	p.mu.Lock()
+	p.sumsMu.Lock()
 	for k, ts := range series {
-		t.Segments[segmentID(k)] = ts
+		if s, ok := p.segments[store.Segment(k)]; !ok || !s.frozen {
+			t.Segments[segmentID(k)] = ts
+		}
 	}
+	p.sumsMu.Unlock()
+	p.mu.Unlock()
 	return t, nil
 }

@@ -71,6 +71,7 @@ func benchScaleOut(ctx context.Context, stdout io.Writer, exe string, brokers []
 		if i == runs-1 && replicas > 1 {
 			// Kill one replica: the others restore its partitions.
 			before := strings.Count(logs.String(), "restored partitions")
+			lines := len(restoreLine.FindAllString(logs.String(), -1))
 			t0 := time.Now()
 			_ = procs[0].cmd.Process.Kill()
 			<-procs[0].done
@@ -86,7 +87,7 @@ func benchScaleOut(ctx context.Context, stdout io.Writer, exe string, brokers []
 			}
 			fmt.Fprintf(stdout, "SIGKILL of a replica: the others ready again after %s (session timeout %s included)\n",
 				time.Since(t0).Round(time.Millisecond), time.Duration(cfg.Kafka.SessionTimeout))
-			for _, l := range restoreLine.FindAllString(logs.String(), -1)[before:] {
+			for _, l := range restoreLine.FindAllString(logs.String(), -1)[lines:] {
 				fmt.Fprintf(stdout, "  %s\n", l)
 			}
 			procs = rest
@@ -99,7 +100,7 @@ func benchScaleOut(ctx context.Context, stdout io.Writer, exe string, brokers []
 	return nil
 }
 
-var restoreLine = regexp.MustCompile(`restored partitions from the deltas topic[^\n]*`)
+var restoreLine = regexp.MustCompile(`restored (partitions|segments) from the deltas topic[^\n]*`)
 
 type syncBuffer struct {
 	mu sync.Mutex
