@@ -155,11 +155,7 @@ func appendMarker(dst []byte, m *marker) ([]byte, error) {
 		if len(s.Vecs) != width*len(s.Buckets) {
 			return nil, fmt.Errorf("encode marker: segment %d has %d values for %d buckets", i, len(s.Vecs), len(s.Buckets))
 		}
-		dst = binary.AppendVarint(dst, int64(s.Breakdown))
-		dst = binary.AppendUvarint(dst, uint64(len(s.Labels)))
-		for _, l := range s.Labels {
-			dst = appendString(dst, l)
-		}
+		dst = appendSegmentName(dst, s.Breakdown, s.Labels)
 		dst = appendVarints(dst, s.Totals)
 		dst = binary.AppendUvarint(dst, uint64(len(s.Buckets)))
 		dst = binary.AppendUvarint(dst, uint64(width))
@@ -181,11 +177,7 @@ func appendMarker(dst []byte, m *marker) ([]byte, error) {
 	if version >= 2 {
 		dst = binary.AppendUvarint(dst, uint64(len(m.Status)))
 		for _, st := range m.Status {
-			dst = binary.AppendVarint(dst, int64(st.Breakdown))
-			dst = binary.AppendUvarint(dst, uint64(len(st.Labels)))
-			for _, l := range st.Labels {
-				dst = appendString(dst, l)
-			}
+			dst = appendSegmentName(dst, st.Breakdown, st.Labels)
 			dst = appendVarints(dst, st.Flags)
 		}
 	}
@@ -259,6 +251,15 @@ func endSection(dst []byte, start int) ([]byte, error) {
 	}
 	binary.LittleEndian.PutUint32(dst[start:], uint32(n))
 	return dst, nil
+}
+
+func appendSegmentName(dst []byte, breakdown int, labels []string) []byte {
+	dst = binary.AppendVarint(dst, int64(breakdown))
+	dst = binary.AppendUvarint(dst, uint64(len(labels)))
+	for _, l := range labels {
+		dst = appendString(dst, l)
+	}
+	return dst
 }
 
 func appendString(dst []byte, s string) []byte {
@@ -528,6 +529,17 @@ func (d *markerDecoder) header(b []byte) (*marker, markerReader, error) {
 	return m, r, nil
 }
 
+// segmentName decodes a segment's breakdown and label values, the latter
+// into labels' memory.
+func (d *markerDecoder) segmentName(r *markerReader, labels []string) (int, []string) {
+	breakdown := r.int("breakdown")
+	labels = resize(labels, r.count("labels", 1))
+	for j := range labels {
+		labels[j] = d.str(r, "label")
+	}
+	return breakdown, labels
+}
+
 // deltas decodes the deltas section, from the reader header returned,
 // into the decoder's marker.
 func (d *markerDecoder) deltas(r markerReader) error {
@@ -536,11 +548,7 @@ func (d *markerDecoder) deltas(r markerReader) error {
 	m.Segments = resize(m.Segments, s.count("segments", 5))
 	for i := range m.Segments {
 		sg := &m.Segments[i]
-		sg.Breakdown = s.int("breakdown")
-		sg.Labels = resize(sg.Labels, s.count("labels", 1))
-		for j := range sg.Labels {
-			sg.Labels[j] = d.str(&s, "label")
-		}
+		sg.Breakdown, sg.Labels = d.segmentName(&s, sg.Labels)
 		sg.Totals = resize(sg.Totals, s.count("totals", 1))
 		s.varints(sg.Totals)
 		n := s.count("buckets", 1)
@@ -568,11 +576,7 @@ func (d *markerDecoder) deltas(r markerReader) error {
 		m.Status = resize(m.Status, s.count("flags", 3))
 		for i := range m.Status {
 			st := &m.Status[i]
-			st.Breakdown = s.int("breakdown")
-			st.Labels = resize(st.Labels, s.count("labels", 1))
-			for j := range st.Labels {
-				st.Labels[j] = d.str(&s, "label")
-			}
+			st.Breakdown, st.Labels = d.segmentName(&s, st.Labels)
 			st.Flags = resize(st.Flags, s.count("flags", 1))
 			s.varints(st.Flags)
 		}

@@ -2,6 +2,7 @@ package processor_test
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -55,13 +56,20 @@ func startScaleOut(t *testing.T, cfg processor.Config) (*processor.ScaleOut, *pr
 // TestScaleOutFlagsMove: a replica that takes over the partitions of
 // another restores the degradation flags of their segments with their
 // numbers, so that an alert does not resolve because its segment moved.
-// The replay ends degraded and nothing arrives after the takeover: the
-// clock does not move, so the new owner evaluates nothing again, and its
-// flags can only be those the markers carried.
+// The replay ends with one segment degraded and others in the hysteresis
+// band (their flags stay on only because they were on); the first replica
+// stops, a second one on empty stores takes over, and then a record moves
+// the clock across bucket boundaries, so that the new owner evaluates
+// again. Its per-segment series must equal those of one replica without
+// the scale-out mode that consumed the same records in the same order: one
+// partition, since the flags' history depends on how partitions interleave
+// (TestReplayIsDeterministic).
 func TestScaleOutFlagsMove(t *testing.T) {
 	end := time.Date(2026, 11, 20, 16, 0, 0, 0, time.UTC)
 	lines := pageScenario(end, end.Add(-150*time.Minute), pageSegment{source: "paid_search", region: "emea", lead: 0.04})
-	brokers := startBroker(t, kfake.DefaultNumPartitions(3), kfake.GroupMinSessionTimeout(time.Second))
+	tick := fmt.Appendf(nil, `{"id":"tick","type":"visit","entity":"tick","time":%q,"segment":{"source":"email","region":"amer"}}`,
+		end.Add(5*time.Minute).Format(time.RFC3339))
+	brokers := startBroker(t, kfake.GroupMinSessionTimeout(time.Second))
 	produce(t, brokers, "events", lines)
 	cfg, err := processor.ParseConfig([]byte(`
 kafka:
@@ -80,42 +88,55 @@ scale_out: {enabled: true}
 	cfg.Kafka.Brokers = brokers
 	const degraded = `funnel_conversion_degraded{breakdown="source+region",from="visit",region="emea",source="paid_search",to="lead",window="1h"} 1`
 
-	_, regA, stopA := startScaleOut(t, cfg)
-	deadline := time.Now().Add(60 * time.Second)
-	var want string
-	for {
-		want = exposition(t, regA, scaledSeries...)
-		if consumed(t, regA) == len(lines) && strings.Contains(want, degraded) {
-			break
+	// settle waits until a replica consumed n records and its series stop
+	// changing: stage 2 applies the last markers, and the flags reach the
+	// deltas topic with the next marker after a stage-2 flush.
+	settle := func(reg prometheus.Gatherer, n int) string {
+		t.Helper()
+		deadline := time.Now().Add(60 * time.Second)
+		for consumed(t, reg) < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("consumed %d of %d records after 60s", consumed(t, reg), n)
+			}
+			time.Sleep(50 * time.Millisecond)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after 60s the first replica consumed %d of %d records; degraded flag shown: %v", consumed(t, regA), len(lines), strings.Contains(want, degraded))
+		last := ""
+		for {
+			time.Sleep(20 * time.Duration(cfg.FlushInterval))
+			got := exposition(t, reg, scaledSeries...)
+			if got == last {
+				return got
+			}
+			last = got
 		}
-		time.Sleep(50 * time.Millisecond)
 	}
-	// Stage 2 applies the last markers, and the flag reaches the deltas
-	// topic with the next one: a stage-2 flush hands it to stage 1, whose
-	// next flush sends it.
-	for {
-		time.Sleep(20 * time.Duration(cfg.FlushInterval))
-		got := exposition(t, regA, scaledSeries...)
-		if got == want {
-			break
-		}
-		want = got
+
+	// The reference: one replica without the scale-out mode, which reads
+	// the tick, as the new owner does, after every other record.
+	single := cfg
+	single.ScaleOut.Enabled = false
+	single.Kafka.Group = "single"
+	r := startRunner(t, single, processor.MemStore(t), time.Now)
+	r.waitConsumed(t, len(lines))
+
+	_, regA, stopA := startScaleOut(t, cfg)
+	if got := settle(regA, len(lines)); !strings.Contains(got, degraded) {
+		t.Fatalf("the scenario does not degrade paid_search/emea, so it proves nothing")
 	}
 	stopA()
 
 	b, regB, _ := startScaleOut(t, cfg)
-	deadline = time.Now().Add(60 * time.Second)
-	for {
-		got := exposition(t, regB, scaledSeries...)
-		if b.Ready() && got == want {
-			return
-		}
+	deadline := time.Now().Add(60 * time.Second)
+	for !b.Ready() {
 		if time.Now().After(deadline) {
-			t.Fatalf("the replica that took over exports (ready %v):\n%s", b.Ready(), diffLines(want, got))
+			t.Fatal("the replica that took over is not ready after 60s")
 		}
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(50 * time.Millisecond)
+	}
+	produce(t, brokers, "events", [][]byte{tick})
+	got := settle(regB, 1)
+	want := settle(r.reg, len(lines)+1)
+	if got != want {
+		t.Errorf("the replica that took over exports:\n%s", diffLines(want, got))
 	}
 }
