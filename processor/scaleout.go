@@ -1007,12 +1007,10 @@ func (s *ScaleOut) restoreSegments(ctx context.Context, owned map[int]bool) erro
 	p := s.segments
 	p.mu.Lock()
 	next := max(p.partition(s.topic, 0).next, 0)
-	released := false
 	for q := range s.held {
 		if !owned[q] {
 			delete(s.held, q)
 			s.segPos[q] = next
-			released = true
 		}
 	}
 	want := map[int]bool{}
@@ -1023,9 +1021,9 @@ func (s *ScaleOut) restoreSegments(ctx context.Context, owned map[int]bool) erro
 			from = min(from, s.segPos[q])
 		}
 	}
-	if released {
-		s.setFrozen()
-	}
+	// Also thaws what a restore whose last flush failed left held but
+	// frozen.
+	s.setFrozen()
 	p.mu.Unlock()
 	if len(want) == 0 {
 		return nil
