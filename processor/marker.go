@@ -529,6 +529,13 @@ func (d *markerDecoder) header(b []byte) (*marker, markerReader, error) {
 	return m, r, nil
 }
 
+// ints decodes a count and as many signed numbers into dst's memory.
+func (r *markerReader) ints(dst []int64, what string) []int64 {
+	dst = resize(dst, r.count(what, 1))
+	r.varints(dst)
+	return dst
+}
+
 // segmentName decodes a segment's breakdown and label values, the latter
 // into labels' memory.
 func (d *markerDecoder) segmentName(r *markerReader, labels []string) (int, []string) {
@@ -549,8 +556,7 @@ func (d *markerDecoder) deltas(r markerReader) error {
 	for i := range m.Segments {
 		sg := &m.Segments[i]
 		sg.Breakdown, sg.Labels = d.segmentName(&s, sg.Labels)
-		sg.Totals = resize(sg.Totals, s.count("totals", 1))
-		s.varints(sg.Totals)
+		sg.Totals = s.ints(sg.Totals, "totals")
 		n := s.count("buckets", 1)
 		width := s.count("vector width", 1)
 		if n > len(s.b)/(1+width) {
@@ -568,8 +574,7 @@ func (d *markerDecoder) deltas(r markerReader) error {
 	}
 	m.Hist = resize(m.Hist, s.count("histograms", 1))
 	for i := range m.Hist {
-		m.Hist[i] = resize(m.Hist[i], s.count("histogram", 1))
-		s.varints(m.Hist[i])
+		m.Hist[i] = s.ints(m.Hist[i], "histogram")
 	}
 	m.Status = m.Status[:0]
 	if m.version == 0 || m.version >= 2 {
@@ -577,8 +582,7 @@ func (d *markerDecoder) deltas(r markerReader) error {
 		for i := range m.Status {
 			st := &m.Status[i]
 			st.Breakdown, st.Labels = d.segmentName(&s, st.Labels)
-			st.Flags = resize(st.Flags, s.count("flags", 1))
-			s.varints(st.Flags)
+			st.Flags = s.ints(st.Flags, "flags")
 		}
 	}
 	s.done("deltas")

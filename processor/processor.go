@@ -474,8 +474,7 @@ func (p *Processor) loadFilter() {
 		n := max(int(p.entityCount), p.entities.live)
 		p.mu.Unlock()
 		start := time.Now()
-		f := newEntityFilter(2 * n)
-		err := p.st.EntityKeys(func(key []byte) { f.add(xxhash.Sum64(key[1:])) })
+		f, err := p.scanFilter(n)
 		if err != nil {
 			// Every key may then be stored: each new entity costs a
 			// lookup until the next flush rebuilds the filter, which
@@ -487,21 +486,34 @@ func (p *Processor) loadFilter() {
 		}
 		p.mu.Lock()
 		defer p.mu.Unlock()
-		p.entities.each(func(_ uint32, r *entityRec) { f.add(xxhash.Sum64(p.entities.key(r))) })
-		p.known = f
+		p.installFilter(f)
 	})
 }
 
 // rebuildFilter sizes the entity filter for twice the entities there are
 // and fills it from the store and the cache.
 func (p *Processor) rebuildFilter() error {
-	f := newEntityFilter(2 * max(int(p.entityCount), p.entities.live))
-	if err := p.st.EntityKeys(func(key []byte) { f.add(xxhash.Sum64(key[1:])) }); err != nil {
+	f, err := p.scanFilter(max(int(p.entityCount), p.entities.live))
+	if err != nil {
 		return err
 	}
+	p.installFilter(f)
+	return nil
+}
+
+// scanFilter returns a filter sized for twice n entities that holds the
+// keys of the stored ones. It reads only the store.
+func (p *Processor) scanFilter(n int) (*entityFilter, error) {
+	f := newEntityFilter(2 * n)
+	err := p.st.EntityKeys(func(key []byte) { f.add(xxhash.Sum64(key[1:])) })
+	return f, err
+}
+
+// installFilter adds the keys of the entities in memory to f and makes it
+// the entity filter. It runs under p.mu.
+func (p *Processor) installFilter(f *entityFilter) {
 	p.entities.each(func(_ uint32, r *entityRec) { f.add(xxhash.Sum64(p.entities.key(r))) })
 	p.known = f
-	return nil
 }
 
 func (p *Processor) partition(topic string, part int) *partition {
