@@ -106,8 +106,8 @@ func (p *Processor) newSegment(key store.Segment) *segment {
 	return s
 }
 
-// rankSegments numbers the segments in key order, so that a flush sorts
-// its bucket writes into key order comparing integers, not keys.
+// rankSegments numbers the segments densely, in key order, so that a flush
+// orders its bucket writes by segment with a counting sort.
 func (p *Processor) rankSegments() {
 	if p.ranked {
 		return

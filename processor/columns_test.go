@@ -229,12 +229,12 @@ func checkColumns(t *testing.T, p *Processor, at string) {
 }
 
 // TestSortBucketWrites checks both ways of ordering a flush's writes
-// (counting by bucket, comparing) against a plain sort.
+// (counting by bucket and segment, comparing) against a plain sort.
 func TestSortBucketWrites(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	segs := make([]*segment, 50)
-	for i := range segs {
-		segs[i] = &segment{rank: rng.IntN(1000)}
+	for i, r := range rng.Perm(len(segs)) {
+		segs[i] = &segment{rank: r}
 	}
 	for _, tc := range []struct {
 		name   string
@@ -242,12 +242,12 @@ func TestSortBucketWrites(t *testing.T) {
 		spread int64
 	}{{"empty", 0, 1}, {"one", 1, 1}, {"dense", 5000, 300}, {"runs", 3000, 5000}, {"sparse", 200, 1 << 40}} {
 		t.Run(tc.name, func(t *testing.T) {
-			p := &Processor{}
+			p := &Processor{byKey: segs}
 			for range 3 { // reusing the scratch
 				var bw []bucketWrite
 				seen := map[[2]int64]bool{}
 				for len(bw) < tc.n {
-					w := bucketWrite{b: 1_000_000 + rng.Int64N(tc.spread), s: segs[rng.IntN(len(segs))]}
+					w := bucketWrite{b: 1_000_000 - tc.spread/2 + rng.Int64N(tc.spread), s: segs[rng.IntN(len(segs))]}
 					if k := [2]int64{w.b, int64(w.s.rank)}; !seen[k] {
 						seen[k] = true
 						bw = append(bw, w)
@@ -255,7 +255,7 @@ func TestSortBucketWrites(t *testing.T) {
 				}
 				want := slices.Clone(bw)
 				slices.SortFunc(want, func(x, y bucketWrite) int {
-					return cmp.Or(cmp.Compare(x.b, y.b), cmp.Compare(x.s.rank, y.s.rank))
+					return cmp.Or(cmp.Compare(x.s.rank, y.s.rank), cmp.Compare(x.b, y.b))
 				})
 				got := p.sortBucketWrites(bw)
 				if len(got) != len(want) {

@@ -184,13 +184,14 @@ type bucketWrite struct {
 	v store.Vector
 }
 
-// sortBucketWrites returns bw in key order: by bucket, then segment rank.
-// The buckets of a flush mostly fall in a few dense runs (one per
-// partition's stretch of event time), so it counts them into place by
-// bucket and sorts only each bucket's segments; buckets spread far wider
-// than there are writes are sorted by comparison instead.
+// sortBucketWrites returns bw by segment, then bucket: the store writes
+// one key per segment and bucket group when a segment's buckets come
+// together and in order (store.Batch.AddBucket), and foldFlushed wants each
+// segment's in order. The buckets of a flush mostly fall in a few dense
+// runs (one per partition's stretch of event time), so it sorts by two
+// stable counting passes, by bucket and then by segment rank; buckets
+// spread far wider than there are writes are sorted by comparison instead.
 func (p *Processor) sortBucketWrites(bw []bucketWrite) []bucketWrite {
-	byRank := func(x, y bucketWrite) int { return cmp.Compare(x.s.rank, y.s.rank) }
 	if len(bw) < 2 {
 		return bw
 	}
@@ -200,38 +201,36 @@ func (p *Processor) sortBucketWrites(bw []bucketWrite) []bucketWrite {
 	}
 	if hi-lo > 4*int64(len(bw))+1024 {
 		slices.SortFunc(bw, func(x, y bucketWrite) int {
-			if x.b != y.b {
-				return cmp.Compare(x.b, y.b)
-			}
-			return byRank(x, y)
+			return cmp.Or(cmp.Compare(x.s.rank, y.s.rank), cmp.Compare(x.b, y.b))
 		})
 		return bw
 	}
-	span := int(hi-lo) + 1
-	at := slices.Grow(p.sortCounts[:0], span+1)[:span+1]
+	out := slices.Grow(p.sortedWrites[:0], len(bw))[:len(bw)]
+	at := p.countingSort(out, bw, int(hi-lo)+1, func(w *bucketWrite) int { return int(w.b - lo) })
+	at = p.countingSort(bw, out, len(p.byKey), func(w *bucketWrite) int { return w.s.rank })
+	clear(out)
+	p.sortCounts, p.sortedWrites = at[:0], out[:0]
+	return bw
+}
+
+// countingSort writes src into dst ordered by key (below n), keeping the
+// order of equal keys, and returns its scratch of counts.
+func (p *Processor) countingSort(dst, src []bucketWrite, n int, key func(*bucketWrite) int) []int {
+	at := slices.Grow(p.sortCounts[:0], n+1)[:n+1]
 	clear(at)
-	for _, w := range bw {
-		at[w.b-lo+1]++
+	for i := range src {
+		at[key(&src[i])+1]++
 	}
-	for i := 1; i <= span; i++ {
+	for i := 1; i <= n; i++ {
 		at[i] += at[i-1]
 	}
-	out := slices.Grow(p.sortedWrites[:0], len(bw))[:len(bw)]
-	for _, w := range bw {
-		i := w.b - lo
-		out[at[i]] = w
-		at[i]++
+	for i := range src {
+		k := key(&src[i])
+		dst[at[k]] = src[i]
+		at[k]++
 	}
-	p.sortCounts, p.sortedWrites = at[:0], out[:0]
-	for i := 0; i < len(out); {
-		j := i + 1
-		for j < len(out) && out[j].b == out[i].b {
-			j++
-		}
-		slices.SortFunc(out[i:j], byRank)
-		i = j
-	}
-	return out
+	p.sortCounts = at[:0]
+	return at
 }
 
 // combo is a combination of dimension values (dictionary ids) and the
@@ -1119,8 +1118,9 @@ func (p *Processor) prepare() (*inflight, *store.Batch) {
 	f.deadLetters, p.deadLetters = p.deadLetters, p.spareDeadLetters[:0]
 	p.pending.Store(0)
 	batch := p.st.NewBatch()
-	// Buckets go into the batch in key order: the windows read them back
-	// in that order right after the commit, from the batch's memory.
+	// Buckets go into the batch segment by segment and in bucket order,
+	// so that the batch writes a key per segment and bucket group
+	// (store.Batch.AddBucket).
 	bw := p.bucketWrites[:0]
 	for _, s := range p.dirtySegments {
 		if !p.ownsSegments() {

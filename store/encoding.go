@@ -206,3 +206,64 @@ func (d *decoder) count() int {
 	}
 	return int(n)
 }
+
+// A bucket group is the value of a bucket key: the buckets of one segment
+// within one group of 64 (see groupOf) that have counters, in increasing
+// order, each as its offset in the group (one byte, below 64) followed by
+// its Vector as AppendVector encodes it. A group holding one bucket costs
+// one byte more than the bucket's Vector.
+
+// appendGroupEntry appends bucket offset off (below 64) and v to a bucket
+// group. Offsets must be appended in increasing order.
+func appendGroupEntry(dst []byte, off int, v Vector) []byte {
+	return AppendVector(append(dst, byte(off)), v)
+}
+
+// groupReader reads the entries of a bucket group in order. next reports
+// an offset that is not above the previous one as corrupt, so a value
+// that reads to the end is a valid group.
+type groupReader struct {
+	b    []byte
+	prev int
+}
+
+func newGroupReader(b []byte) groupReader { return groupReader{b: b, prev: -1} }
+
+// next returns the next entry's offset and encoded Vector, and false at
+// the end of the group or on an error.
+func (r *groupReader) next() (off int, enc []byte, ok bool, err error) {
+	if len(r.b) == 0 {
+		return 0, nil, false, nil
+	}
+	off = int(r.b[0])
+	if off >= 1<<groupBits || off <= r.prev {
+		return 0, nil, false, fmt.Errorf("bucket group offset %d after %d: %w", off, r.prev, errCorrupt)
+	}
+	n, err := vectorLen(r.b[1:])
+	if err != nil {
+		return 0, nil, false, fmt.Errorf("bucket group offset %d: %w", off, err)
+	}
+	enc, r.b, r.prev = r.b[1:1+n], r.b[1+n:], off
+	return off, enc, true, nil
+}
+
+// vectorLen returns the length of the Vector encoding at the start of b.
+func vectorLen(b []byte) (int, error) {
+	n, k := binary.Uvarint(b)
+	if k <= 0 || n > maxVectorLen {
+		return 0, fmt.Errorf("vector length: %w", errCorrupt)
+	}
+	i := k
+	for range n {
+		// A varint ends at the first byte below 0x80, after at most ten.
+		j := i
+		for j < len(b) && j-i < binary.MaxVarintLen64 && b[j] >= 0x80 {
+			j++
+		}
+		if j >= len(b) || j-i == binary.MaxVarintLen64 {
+			return 0, fmt.Errorf("vector element: %w", errCorrupt)
+		}
+		i = j + 1
+	}
+	return i, nil
+}

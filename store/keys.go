@@ -16,13 +16,18 @@ import (
 //	c <scope u32> <name> 0x00 <label>         process counter (Vector, merged)
 //	d <dimension> 0x00 <value>                dictionary id of a value (u32)
 //	e <partition u32> <entity>                entity state (Entity)
-//	b <bucket i64> <segment>                  bucket counters (Vector, merged)
+//	B <group i64> <segment>                   a segment's buckets group*64 … group*64+63 (bucket group, merged)
 //	t <segment>                               all-time totals (Vector, merged)
 //	h <step u8>                               time-to-convert histogram (Vector, merged)
 //	g <segment>                               segment status (Vector)
 //
 // Buckets are keyed time-major so that moving a window edge is one scan over
-// a few buckets of every segment, and retention is one range deletion.
+// a few buckets of every segment, and retention is one range deletion. A
+// key holds a group of 64 consecutive buckets of one segment (a bucket
+// group, see AppendBucketGroup): at a few events per segment and minute, a
+// key per bucket made Pebble write, flush and compact a key per increment,
+// which was most of a replay's CPU (docs/performance.md). Stores of earlier
+// versions keyed each bucket on its own under prefix b; Open converts them.
 // Integers are big-endian; signed ones have their sign bit flipped so that
 // byte order equals numeric order.
 const (
@@ -31,7 +36,10 @@ const (
 	prefixCounter = 'c'
 	prefixDict    = 'd'
 	prefixEntity  = 'e'
-	prefixBucket  = 'b'
+	prefixBucket  = 'B'
+	// prefixLegacyBucket keyed one bucket of one segment (b <bucket i64>
+	// <segment>, a Vector); only the conversion in Open reads it.
+	prefixLegacyBucket = 'b'
 	prefixTotals  = 't'
 	prefixHist    = 'h'
 	prefixStatus  = 'g'
@@ -103,14 +111,28 @@ func AppendEntityKey(dst []byte, partition int, entity []byte) []byte {
 	return append(dst, entity...)
 }
 
-func bucketKey(bucket int64, seg Segment) []byte {
-	k := appendI64(append(make([]byte, 0, 9+len(seg)), prefixBucket), bucket)
+// groupBits is log2 of the buckets in a bucket group.
+const groupBits = 6
+
+// groupOf returns the group of a bucket and the bucket's offset in it.
+// The shift rounds down, so negative buckets group like positive ones.
+func groupOf(bucket int64) (int64, int) { return bucket >> groupBits, int(bucket & (1<<groupBits - 1)) }
+
+func groupKey(group int64, seg Segment) []byte {
+	k := appendI64(append(make([]byte, 0, 9+len(seg)), prefixBucket), group)
 	return append(k, seg...)
 }
 
-func parseBucketKey(k []byte) (int64, []byte, error) {
+func parseGroupKey(k []byte) (int64, []byte, error) {
 	if len(k) < 9 || k[0] != prefixBucket || !validSegment(k[9:]) {
 		return 0, nil, fmt.Errorf("bucket key %x: %w", k, errCorrupt)
+	}
+	return readI64(k[1:9]), k[9:], nil
+}
+
+func parseLegacyBucketKey(k []byte) (int64, []byte, error) {
+	if len(k) < 9 || k[0] != prefixLegacyBucket || !validSegment(k[9:]) {
+		return 0, nil, fmt.Errorf("legacy bucket key %x: %w", k, errCorrupt)
 	}
 	return readI64(k[1:9]), k[9:], nil
 }

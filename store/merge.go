@@ -4,22 +4,36 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"math/bits"
 	"sync"
 
 	"github.com/cockroachdb/pebble/v2"
 )
 
-// vectorMerger adds Vectors. Addition is associative and commutative, so
-// Pebble may combine operands in any grouping during reads and compactions.
+// vectorMerger adds Vectors, and bucket groups bucket by bucket. Addition
+// is associative and commutative, so Pebble may combine operands in any
+// grouping during reads and compactions.
 //
-// Every read of a bucket, total or counter goes through a merge, most of
-// them with a single operand: the merger keeps that operand's bytes as
+// Every read of a bucket group, total or counter goes through a merge, most
+// of them with a single operand: the merger keeps that operand's bytes as
 // they are and only decodes when a second one comes, and its state is
 // pooled (Finish hands it back through the Closer), so that a read
 // allocates nothing.
+//
+// The name stays that of the first version, which only added Vectors:
+// Pebble refuses to open a store with a merger of another name, and the
+// keys of that version (Vectors under prefixLegacyBucket) still merge as
+// they did until Open converts them.
 var vectorMerger = &pebble.Merger{
 	Name: "funnelwatch.vector_add.v1",
-	Merge: func(_, value []byte) (pebble.ValueMerger, error) {
+	Merge: func(key, value []byte) (pebble.ValueMerger, error) {
+		if len(key) > 0 && key[0] == prefixBucket {
+			m := groupAdderPool.Get().(*groupAdder)
+			m.raw = append(m.raw[:0], value...)
+			m.present = 0
+			m.decoded = false
+			return m, nil
+		}
 		m := adderPool.Get().(*vectorAdder)
 		m.raw = append(m.raw[:0], value...)
 		m.sum = m.sum[:0]
@@ -28,7 +42,10 @@ var vectorMerger = &pebble.Merger{
 	},
 }
 
-var adderPool = sync.Pool{New: func() any { return &vectorAdder{} }}
+var (
+	adderPool      = sync.Pool{New: func() any { return &vectorAdder{} }}
+	groupAdderPool = sync.Pool{New: func() any { return &groupAdder{} }}
+)
 
 type vectorAdder struct {
 	raw     []byte // the only operand so far, encoded, while !decoded
@@ -91,5 +108,64 @@ func (m *vectorAdder) Finish(bool) ([]byte, io.Closer, error) {
 // result of Finish.
 func (m *vectorAdder) Close() error {
 	adderPool.Put(m)
+	return nil
+}
+
+// groupAdder adds bucket groups: the Vectors of the same offset add up, the
+// others are kept.
+type groupAdder struct {
+	raw     []byte // the only operand so far, encoded, while !decoded
+	decoded bool
+	present uint64 // the offsets in sums
+	sums    [1 << groupBits]Vector
+	out     []byte
+}
+
+func (m *groupAdder) add(value []byte) error {
+	if !m.decoded {
+		if err := m.addGroup(m.raw); err != nil {
+			return err
+		}
+		m.decoded = true
+	}
+	return m.addGroup(value)
+}
+
+func (m *groupAdder) addGroup(value []byte) error {
+	r := newGroupReader(value)
+	for {
+		off, enc, ok, err := r.next()
+		if err != nil || !ok {
+			return err
+		}
+		if m.present&(1<<off) == 0 {
+			m.present |= 1 << off
+			m.sums[off] = m.sums[off][:0]
+		}
+		if err := addEncoded(&m.sums[off], enc); err != nil {
+			return err
+		}
+	}
+}
+
+func (m *groupAdder) MergeNewer(value []byte) error { return m.add(value) }
+func (m *groupAdder) MergeOlder(value []byte) error { return m.add(value) }
+
+func (m *groupAdder) Finish(bool) ([]byte, io.Closer, error) {
+	if !m.decoded {
+		return m.raw, m, nil
+	}
+	m.out = m.out[:0]
+	for p := m.present; p != 0; p &= p - 1 {
+		off := bits.TrailingZeros64(p)
+		m.out = appendGroupEntry(m.out, off, m.sums[off])
+	}
+	return m.out, m, nil
+}
+
+// Close returns the merger to the pool once Pebble is done with the
+// result of Finish.
+func (m *groupAdder) Close() error {
+	groupAdderPool.Put(m)
 	return nil
 }

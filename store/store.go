@@ -17,6 +17,7 @@ import (
 	"log/slog"
 	"math"
 	"slices"
+	"time"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/bloom"
@@ -111,7 +112,111 @@ func Open(dir string, o Options) (*Store, error) {
 		return nil, fmt.Errorf("open store %q: %w", dir, err)
 	}
 	s.db = db
+	if err := s.convertLegacyBuckets(o.ReadOnly, o.Logger); err != nil {
+		_ = db.Close()
+		return nil, fmt.Errorf("open store %q: %w", dir, err)
+	}
 	return s, nil
+}
+
+// convertBatchBytes is about the size of each batch the conversion of an
+// earlier version's buckets commits.
+const convertBatchBytes = 4 << 20
+
+// convertLegacyBuckets rewrites the buckets of a store of an earlier
+// version, one key per bucket, as bucket groups. Each batch sets whole
+// groups and deletes the legacy keys they came from, so a conversion that
+// stops half way (a crash) goes on from where it stopped at the next Open.
+// A read-only store cannot be converted and is refused.
+func (s *Store) convertLegacyBuckets(readOnly bool, log *slog.Logger) error {
+	iter, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixLegacyBucket}, UpperBound: []byte{prefixLegacyBucket + 1}})
+	if err != nil {
+		return fmt.Errorf("convert buckets: %w", err)
+	}
+	defer iter.Close()
+	if !iter.First() {
+		return iter.Error()
+	}
+	if readOnly {
+		return errors.New("the store holds buckets in the layout of an earlier version: open it read-write once (funnelwatch run) to convert them")
+	}
+	start := time.Now()
+	var (
+		groups  = map[string][]byte{} // segment -> value of the current group
+		pending []string              // segments of groups, in the order met
+		batch   = s.db.NewBatch()
+		from    = []byte{prefixLegacyBucket} // the legacy keys the batch replaces start here
+		group   int64
+		size    int
+		keys    int
+	)
+	endGroup := func() {
+		for _, seg := range pending {
+			v := groups[seg]
+			_ = batch.Set(groupKey(group, Segment(seg)), v, nil)
+			size += len(v)
+			delete(groups, seg)
+		}
+		pending = pending[:0]
+	}
+	commit := func(to []byte) error {
+		_ = batch.DeleteRange(from, to, nil)
+		if err := batch.Commit(pebble.Sync); err != nil {
+			return fmt.Errorf("convert buckets: %w", err)
+		}
+		batch.Close()
+		batch, from, size = s.db.NewBatch(), to, 0
+		return nil
+	}
+	for ; iter.Valid(); iter.Next() {
+		b, seg, err := parseLegacyBucketKey(iter.Key())
+		if err != nil {
+			batch.Close()
+			return err
+		}
+		v, err := iter.ValueAndErr()
+		if err == nil {
+			var n int
+			if n, err = vectorLen(v); err == nil && n != len(v) {
+				err = errCorrupt
+			}
+		}
+		if err != nil {
+			batch.Close()
+			return fmt.Errorf("convert bucket %d: %w", b, err)
+		}
+		g, off := groupOf(b)
+		if keys > 0 && g != group {
+			endGroup()
+			if size >= convertBatchBytes {
+				if err := commit(slices.Clone(iter.Key()[:9])); err != nil {
+					batch.Close()
+					return err
+				}
+			}
+		}
+		group = g
+		val, ok := groups[string(seg)]
+		if !ok {
+			pending = append(pending, string(seg))
+		}
+		groups[string(seg)] = append(append(val, byte(off)), v...)
+		keys++
+	}
+	if err := iter.Error(); err != nil {
+		batch.Close()
+		return fmt.Errorf("convert buckets: %w", err)
+	}
+	endGroup()
+	if err := commit([]byte{prefixLegacyBucket + 1}); err != nil {
+		batch.Close()
+		return err
+	}
+	batch.Close()
+	if log != nil {
+		log.Info("converted the store's buckets to bucket groups", "buckets", keys, "duration", time.Since(start).Round(time.Millisecond))
+	}
+	return nil
 }
 
 // checkSpace returns ErrNoSpace when writing n more bytes would leave less
@@ -183,6 +288,13 @@ type Batch struct {
 	s   *Store
 	b   *pebble.Batch
 	buf []byte
+
+	// The bucket group AddBucket is filling, if groupOpen: its key, its
+	// value, and the last bucket added to it.
+	groupOpen bool
+	groupKey  []byte
+	groupVal  []byte
+	groupLast int64
 }
 
 // NewBatch returns an empty batch.
@@ -193,6 +305,7 @@ func (s *Store) NewBatch() *Batch { return &Batch{s: s, b: s.db.NewBatch()} }
 // filesystem is short of free space (see Options.MinFreeBytes).
 func (b *Batch) Commit() error {
 	defer b.b.Close()
+	b.endGroup()
 	if err := b.s.checkSpace(b.b.Len()); err != nil {
 		return fmt.Errorf("commit batch: %w", err)
 	}
@@ -206,7 +319,13 @@ func (b *Batch) Commit() error {
 func (b *Batch) Close() { b.b.Close() }
 
 // Len is the size of the batch in bytes.
-func (b *Batch) Len() int { return b.b.Len() }
+func (b *Batch) Len() int {
+	n := b.b.Len()
+	if b.groupOpen {
+		n += len(b.groupKey) + len(b.groupVal)
+	}
+	return n
+}
 
 func (b *Batch) vec(v Vector) []byte {
 	b.buf = AppendVector(b.buf[:0], v)
@@ -243,18 +362,43 @@ func (b *Batch) DeleteEntity(partition int, entity []byte) {
 }
 
 // AddBucket adds v to the counters of a segment's bucket.
+//
+// Consecutive calls for the same segment and bucket group (64 buckets, see
+// the key layout) in increasing bucket order write one merge operand: a
+// flush that adds its buckets segment by segment and in order per segment
+// writes a key per segment and group instead of one per bucket. Any other
+// order is correct too, at one operand per run.
 func (b *Batch) AddBucket(bucket int64, seg Segment, v Vector) {
-	b.buf = appendI64(append(b.buf[:0], prefixBucket), bucket)
-	b.buf = append(b.buf, seg...)
-	k := len(b.buf)
-	b.buf = AppendVector(b.buf, v)
-	_ = b.b.Merge(b.buf[:k], b.buf[k:], nil)
+	g, off := groupOf(bucket)
+	if !b.groupOpen || bucket <= b.groupLast || readI64(b.groupKey[1:9]) != g || string(b.groupKey[9:]) != string(seg) {
+		b.endGroup()
+		b.groupKey = appendI64(append(b.groupKey[:0], prefixBucket), g)
+		b.groupKey = append(b.groupKey, seg...)
+		b.groupOpen = true
+	}
+	b.groupVal = appendGroupEntry(b.groupVal, off, v)
+	b.groupLast = bucket
 }
 
-// DeleteBucketsBefore deletes every bucket older than the given one, of
-// every segment.
+// endGroup writes the bucket group AddBucket was filling.
+func (b *Batch) endGroup() {
+	if !b.groupOpen {
+		return
+	}
+	// Merge copies key and value into the batch.
+	_ = b.b.Merge(b.groupKey, b.groupVal, nil)
+	b.groupOpen, b.groupVal = false, b.groupVal[:0]
+}
+
+// DeleteBucketsBefore deletes the buckets older than the given one, of
+// every segment, a bucket group at a time: the buckets before it in its
+// own group (up to 63) stay until a later call passes the group. Every
+// reader reads a range of buckets, so they are never seen by one that
+// starts at or after the given bucket.
 func (b *Batch) DeleteBucketsBefore(bucket int64) {
-	_ = b.b.DeleteRange([]byte{prefixBucket}, bucketKey(bucket, ""), nil)
+	b.endGroup()
+	g, _ := groupOf(bucket)
+	_ = b.b.DeleteRange([]byte{prefixBucket}, groupKey(g, ""), nil)
 }
 
 // AddTotals adds v to a segment's all-time totals.
@@ -418,8 +562,11 @@ func (s *Store) Histograms(fn func(step int, v Vector)) error {
 	})
 }
 
-// Buckets calls fn for every segment's bucket in [lo, hi], in bucket order.
-// seg and v are only valid during the call.
+// Buckets calls fn for every segment's bucket in [lo, hi]: group by group
+// (64 buckets), within a group segment by segment in key order, and each
+// segment's buckets in increasing order. A caller that needs every
+// segment's bucket b before any bucket after b uses a BucketCursor. seg and
+// v are only valid during the call.
 func (s *Store) Buckets(lo, hi int64, fn func(bucket int64, seg []byte, v Vector)) error {
 	var vec Vector
 	return s.EncodedBuckets(lo, hi, func(b int64, seg, enc []byte) error {
@@ -437,29 +584,12 @@ func (s *Store) Buckets(lo, hi int64, fn func(bucket int64, seg []byte, v Vector
 // and enc are only valid during the call; an error of fn ends the scan and
 // is returned.
 func (s *Store) EncodedBuckets(lo, hi int64, fn func(bucket int64, seg, enc []byte) error) error {
-	if hi < lo {
-		return nil
-	}
-	upper := []byte{prefixBucket + 1}
-	if hi < math.MaxInt64 {
-		upper = bucketKey(hi+1, "")
-	}
-	iter, err := s.db.NewIter(&pebble.IterOptions{LowerBound: bucketKey(lo, ""), UpperBound: upper})
-	if err != nil {
-		return fmt.Errorf("scan buckets: %w", err)
+	iter, err := s.groupIter(lo, hi)
+	if err != nil || iter == nil {
+		return err
 	}
 	for iter.First(); iter.Valid(); iter.Next() {
-		b, seg, err := parseBucketKey(iter.Key())
-		if err != nil {
-			iter.Close()
-			return err
-		}
-		v, err := iter.ValueAndErr()
-		if err != nil {
-			iter.Close()
-			return fmt.Errorf("bucket %d: %w", b, err)
-		}
-		if err := fn(b, seg, v); err != nil {
+		if err := visitGroup(iter, lo, hi, fn); err != nil {
 			iter.Close()
 			return err
 		}
@@ -468,6 +598,54 @@ func (s *Store) EncodedBuckets(lo, hi int64, fn func(bucket int64, seg, enc []by
 		return fmt.Errorf("scan buckets: %w", err)
 	}
 	return nil
+}
+
+// groupIter returns an iterator over the bucket groups holding [lo, hi],
+// or nil when the range is empty.
+func (s *Store) groupIter(lo, hi int64) (*pebble.Iterator, error) {
+	if hi < lo {
+		return nil, nil
+	}
+	glo, _ := groupOf(lo)
+	ghi, _ := groupOf(hi)
+	upper := []byte{prefixBucket + 1}
+	if ghi < math.MaxInt64 {
+		upper = groupKey(ghi+1, "")
+	}
+	iter, err := s.db.NewIter(&pebble.IterOptions{LowerBound: groupKey(glo, ""), UpperBound: upper})
+	if err != nil {
+		return nil, fmt.Errorf("scan buckets: %w", err)
+	}
+	return iter, nil
+}
+
+// visitGroup calls fn for the buckets in [lo, hi] of the group under iter.
+func visitGroup(iter *pebble.Iterator, lo, hi int64, fn func(bucket int64, seg, enc []byte) error) error {
+	g, seg, err := parseGroupKey(iter.Key())
+	if err != nil {
+		return err
+	}
+	v, err := iter.ValueAndErr()
+	if err != nil {
+		return fmt.Errorf("bucket group %d: %w", g, err)
+	}
+	r := newGroupReader(v)
+	for {
+		off, enc, ok, err := r.next()
+		if err != nil {
+			return fmt.Errorf("bucket group %d: %w", g, err)
+		}
+		if !ok {
+			return nil
+		}
+		b := g<<groupBits | int64(off)
+		if b < lo || b > hi {
+			continue
+		}
+		if err := fn(b, seg, enc); err != nil {
+			return err
+		}
+	}
 }
 
 // Entities calls fn for entity states in key order, starting at the key

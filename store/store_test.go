@@ -2,10 +2,12 @@ package store_test
 
 import (
 	"bytes"
+	"cmp"
 	"fmt"
 	"maps"
 	"math"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
@@ -189,13 +191,6 @@ func TestBucketsRange(t *testing.T) {
 		}
 		return out
 	}
-	segs := func(b int64) []string {
-		// Within a bucket, segments come in byte order.
-		return []string{
-			fmt.Sprintf("%d/%x", b, string(segAll)), fmt.Sprintf("%d/%x", b, string(segPaid)),
-			fmt.Sprintf("%d/%x", b, string(segSeoEU)), fmt.Sprintf("%d/%x", b, string(segSeoEU2)),
-		}
-	}
 	for _, tc := range []struct {
 		lo, hi int64
 		want   []int64
@@ -210,9 +205,24 @@ func TestBucketsRange(t *testing.T) {
 		{math.MinInt64, math.MaxInt64, []int64{math.MinInt64, -100, -1, 0, 1, 2, 100, math.MaxInt64}},
 		{math.MaxInt64, math.MaxInt64, []int64{math.MaxInt64}},
 	} {
-		var want []string
+		// Group by group of 64 buckets, within a group segment by segment
+		// in byte order, each segment's buckets in order.
+		type row struct {
+			b   int64
+			seg store.Segment
+		}
+		var rows []row
 		for _, b := range tc.want {
-			want = append(want, segs(b)...)
+			for _, seg := range []store.Segment{segAll, segPaid, segSeoEU, segSeoEU2} {
+				rows = append(rows, row{b, seg})
+			}
+		}
+		slices.SortStableFunc(rows, func(x, y row) int {
+			return cmp.Or(cmp.Compare(x.b>>6, y.b>>6), strings.Compare(string(x.seg), string(y.seg)))
+		})
+		var want []string
+		for _, r := range rows {
+			want = append(want, fmt.Sprintf("%d/%x", r.b, string(r.seg)))
 		}
 		if got := keys(buckets(t, st, tc.lo, tc.hi)); !slices.Equal(got, want) {
 			t.Errorf("Buckets(%d, %d) = %v; want %v", tc.lo, tc.hi, got, want)
@@ -220,23 +230,37 @@ func TestBucketsRange(t *testing.T) {
 	}
 }
 
+// TestDeleteBucketsBefore checks that retention deletes whole bucket
+// groups: every bucket from the given one up stays, every group below it
+// goes, and the buckets before it in its own group stay until a later
+// deletion passes their group.
 func TestDeleteBucketsBefore(t *testing.T) {
 	st := open(t, nil)
 	commit(t, st, func(b *store.Batch) {
-		for bucket := int64(-3); bucket <= 3; bucket++ {
+		for bucket := int64(-70); bucket <= 140; bucket += 10 {
 			b.AddBucket(bucket, segAll, store.Vector{1})
 			b.AddBucket(bucket, segSeoEU, store.Vector{1})
 		}
 		b.AddTotals(segAll, store.Vector{7})
 		b.SetMeta("clock", 5)
 	})
-	commit(t, st, func(b *store.Batch) { b.DeleteBucketsBefore(1) })
-	var got []int64
-	for _, r := range buckets(t, st, math.MinInt64, math.MaxInt64) {
-		got = append(got, r.bucket)
+	bucketsOf := func(seg store.Segment) []int64 {
+		var got []int64
+		for _, r := range buckets(t, st, math.MinInt64, math.MaxInt64) {
+			if r.seg == seg {
+				got = append(got, r.bucket)
+			}
+		}
+		return got
 	}
-	if want := []int64{1, 1, 2, 2, 3, 3}; !slices.Equal(got, want) {
-		t.Errorf("buckets after DeleteBucketsBefore(1) = %v; want %v", got, want)
+	commit(t, st, func(b *store.Batch) { b.DeleteBucketsBefore(85) })
+	// Group 1 (64-127) holds 85: its buckets 70 and 80 stay.
+	if got, want := bucketsOf(segAll), []int64{70, 80, 90, 100, 110, 120, 130, 140}; !slices.Equal(got, want) {
+		t.Errorf("buckets after DeleteBucketsBefore(85) = %v; want %v", got, want)
+	}
+	commit(t, st, func(b *store.Batch) { b.DeleteBucketsBefore(128) })
+	if got, want := bucketsOf(segSeoEU), []int64{130, 140}; !slices.Equal(got, want) {
+		t.Errorf("buckets after DeleteBucketsBefore(128) = %v; want %v", got, want)
 	}
 	// Adding to a deleted bucket starts from zero; other kinds are kept.
 	commit(t, st, func(b *store.Batch) { b.AddBucket(0, segAll, store.Vector{5}) })
@@ -249,6 +273,21 @@ func TestDeleteBucketsBefore(t *testing.T) {
 	}
 	if v, ok, err := st.Meta("clock"); err != nil || !ok || v != 5 || totals != 1 {
 		t.Errorf("after deleting buckets: meta clock = %d, %v, %v and %d totals; want 5 and 1", v, ok, err, totals)
+	}
+}
+
+// TestDeleteBucketsBeforeInBatch checks that a deletion removes what the
+// same batch added before it, as it did when every bucket was a key.
+func TestDeleteBucketsBeforeInBatch(t *testing.T) {
+	st := open(t, nil)
+	commit(t, st, func(b *store.Batch) {
+		b.AddBucket(1, segAll, store.Vector{1})
+		b.AddBucket(2, segAll, store.Vector{1})
+		b.DeleteBucketsBefore(64)
+		b.AddBucket(3, segAll, store.Vector{2})
+	})
+	if got, want := buckets(t, st, math.MinInt64, math.MaxInt64), []bucketRow{{3, segAll, "[2]"}}; !slices.Equal(got, want) {
+		t.Errorf("buckets = %v; want %v", got, want)
 	}
 }
 
@@ -561,14 +600,14 @@ func TestReadOnly(t *testing.T) {
 func TestDiskBytes(t *testing.T) {
 	st := open(t, nil)
 	before := st.DiskBytes()
-	// Each bucket's key holds at least its 8-byte index.
+	// Each bucket takes at least its four bytes (offset, length, numbers).
 	const n = 20_000
 	commit(t, st, func(b *store.Batch) {
 		for i := range n {
 			b.AddBucket(int64(i), segSeoEU, store.Vector{1, 2, 3})
 		}
 	})
-	if got, want := st.DiskBytes()-before, uint64(n*8); got < want {
+	if got, want := st.DiskBytes()-before, uint64(n*5); got < want {
 		t.Errorf("DiskBytes grew by %d after committing %d buckets; want at least %d", got, n, want)
 	}
 }
