@@ -40,9 +40,9 @@ const (
 	// prefixLegacyBucket keyed one bucket of one segment (b <bucket i64>
 	// <segment>, a Vector); only the conversion in Open reads it.
 	prefixLegacyBucket = 'b'
-	prefixTotals  = 't'
-	prefixHist    = 'h'
-	prefixStatus  = 'g'
+	prefixTotals       = 't'
+	prefixHist         = 'h'
+	prefixStatus       = 'g'
 )
 
 // GlobalScope is the counter scope of counters that belong to no partition.
