@@ -50,6 +50,9 @@ type segment struct {
 	vol    volumeEval
 	// statusDirty is set when status changed since the last flush.
 	statusDirty bool
+	// moved is set while stepping when the segment's sums moved since
+	// the last boundary (see stepColumns).
+	moved bool
 	// frozen is set on stage 2 of the scale-out mode for the segments of
 	// the partitions the replica does not hold (docs/scaling.md): they
 	// keep the numbers and flags they had, evaluate leaves them alone and

@@ -1,6 +1,7 @@
 package processor
 
 import (
+	"cmp"
 	"math"
 	"slices"
 
@@ -385,8 +386,20 @@ func (p *Processor) colDisable() {
 // so that the buckets new to a column append to it.
 func (p *Processor) foldFlushed(s *segment) {
 	fl := s.flushed
-	for _, f := range fl {
-		p.addToRanges(s, f.b, f.v, +1)
+	// fl is in bucket order: each range adds the run of it that it holds,
+	// rather than each bucket checking every range.
+	vl := p.layout.vecLen
+	for r, pos := range p.positions {
+		i, _ := slices.BinarySearchFunc(fl, pos.lo, func(f flushedBucket, b int64) int { return cmp.Compare(f.b, b) })
+		sums := s.sums[r*vl : (r+1)*vl]
+		for ; i < len(fl) && fl[i].b <= pos.hi; i++ {
+			v := fl[i].v
+			for _, k := range p.cols.need[r] {
+				if k < len(v) {
+					sums[k] += v[k]
+				}
+			}
+		}
 	}
 	if p.colsOn {
 		for g := range p.cols.groups {
@@ -544,6 +557,8 @@ func (p *Processor) stepColumns(from, to int64) bool {
 			}
 		}
 	}
+	moved := p.movedSegs[:0]
+	weeks, lastWeeks := p.weeksBuf[0], p.weeksBuf[1]
 	for b := from; b <= to; b++ {
 		now := b * bucket
 		for _, t := range p.evalTaps {
@@ -564,10 +579,15 @@ func (p *Processor) stepColumns(from, to int64) bool {
 					c := &s.cols[g]
 					stride := 1 + len(p.cols.groups[g].idx)
 					e, n := t.cursors[k], c.len(stride)
+					first := e
 					for ; e < n && c.bucket(stride, e) <= target; e++ {
 						for _, op := range t.ops[gi] {
 							s.sums[op.off] += op.sign * s.colValue(g, stride, e, op.slot)
 						}
+					}
+					if e > first && !s.moved {
+						s.moved = true
+						moved = append(moved, s)
 					}
 					t.cursors[k], t.next[k] = e, c.nextBucket(stride, e)
 					k++
@@ -579,7 +599,44 @@ func (p *Processor) stepColumns(from, to int64) bool {
 			lo, hi := l.ranges[r].bounds(now, bucket)
 			p.positions[r] = position{lo, hi}
 		}
-		p.evaluate()
+		// Evaluating a segment again on the same sums and baseline weeks
+		// gives the same result (z_off <= z_on makes the hysteresis
+		// idempotent), so after the first boundary only the segments
+		// whose sums moved are evaluated, unless a baseline week came in.
+		weeks = p.baselineWeeks(weeks[:0])
+		if b == from || !slices.Equal(weeks, lastWeeks) {
+			p.evaluate()
+		} else {
+			p.evaluateSegments(moved)
+		}
+		weeks, lastWeeks = lastWeeks, weeks
+		for _, s := range moved {
+			s.moved = false
+		}
+		moved = moved[:0]
 	}
+	p.movedSegs, p.weeksBuf = moved, [2][]int{weeks, lastWeeks}
 	return true
+}
+
+// baselineWeeks appends to dst how many baseline weeks evaluateSegments
+// uses at the current positions, per alerting step and then for volume
+// detection: the weeks that lie within the history.
+func (p *Processor) baselineWeeks(dst []int) []int {
+	count := func(ranges []int) int {
+		n := 0
+		for _, r := range ranges {
+			if !p.evalHasHistory || p.positions[r].lo < p.evalHistoryStart {
+				break
+			}
+			n++
+		}
+		return n
+	}
+	for _, sl := range p.layout.steps {
+		if sl.alerting {
+			dst = append(dst, count(sl.baseline))
+		}
+	}
+	return append(dst, count(p.layout.volume.baseline))
 }

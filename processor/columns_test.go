@@ -78,9 +78,15 @@ func TestColumnsMatchStore(t *testing.T) {
 					if rng.IntN(200) == 0 {
 						value = 3 * math.MaxInt32
 					}
+					source := sources[rng.IntN(len(sources))]
+					if rng.IntN(300) == 0 {
+						// A segment with records days apart: its sums stay
+						// put over many boundaries (see checkEvaluated).
+						source = []byte("rare")
+					}
 					b.Records = append(b.Records, Record{Offset: off, Event: Event{
 						Stage: rng.IntN(3), Entity: ent, Time: evt, Value: value,
-						Dims: [][]byte{sources[rng.IntN(len(sources))], nil},
+						Dims: [][]byte{source, nil},
 					}})
 					off++
 				}
@@ -91,6 +97,9 @@ func TestColumnsMatchStore(t *testing.T) {
 				}
 				flushes++
 				at := fmt.Sprintf("flush %d, clock %s", flushes, time.UnixMilli(p.clockNow()).UTC())
+				if tc.clock == ClockEvent {
+					checkEvaluated(t, p, at)
+				}
 				// A wrong number stays in a column until it is dropped,
 				// so checking every few flushes finds it; the store scans
 				// of a check cost more than the flushes.
@@ -125,6 +134,29 @@ func TestColumnsMatchStore(t *testing.T) {
 				t.Error("no number was kept in a wide map: the test misses that path")
 			}
 		})
+	}
+}
+
+// checkEvaluated checks that every segment's evaluation is the one that
+// evaluating it again gives: stepping through the boundaries of a flush
+// evaluates only the segments whose sums moved (stepColumns), which must
+// leave none behind.
+func checkEvaluated(t *testing.T, p *Processor, at string) {
+	t.Helper()
+	type evaluation struct {
+		eval   []stepEval
+		vol    volumeEval
+		status []bool
+	}
+	before := make([]evaluation, len(p.segmentList))
+	for i, s := range p.segmentList {
+		before[i] = evaluation{slices.Clone(s.eval), s.vol, slices.Clone(s.status)}
+	}
+	p.evaluate()
+	for i, s := range p.segmentList {
+		if b := before[i]; !slices.Equal(b.eval, s.eval) || b.vol != s.vol || !slices.Equal(b.status, s.status) {
+			t.Fatalf("%s: segment %v evaluated as %+v %+v %v; evaluating again gives %+v %+v %v", at, s.labels, b.eval, b.vol, b.status, s.eval, s.vol, s.status)
+		}
 	}
 }
 

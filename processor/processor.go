@@ -123,6 +123,8 @@ type Processor struct {
 	colsOn        bool
 	colBytes      int64           // of the columns' entries
 	colAdds       []flushedBucket // scratch of colMerge
+	movedSegs     []*segment      // scratch of stepColumns
+	weeksBuf      [2][]int        // scratch of stepColumns
 	colAt         []int           // scratch of colMerge
 	colIns        []colInsert     // scratch of colMerge
 	colBudget     int64           // colBudget; tests lower it
