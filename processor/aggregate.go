@@ -2,6 +2,7 @@ package processor
 
 import (
 	"fmt"
+	"iter"
 	"math"
 	"slices"
 	"strings"
@@ -23,12 +24,12 @@ type segment struct {
 
 	// pending holds per-bucket deltas since the last flush; last caches the
 	// most recently used bucket because events arrive roughly in time order.
-	pending map[int64]store.Vector
+	pending bucketTable
 	lastB   int64
 	last    store.Vector
 	// flushing holds the deltas of the flush being committed, and
 	// totalsFlushing its totals: ApplyBatch fills pending meanwhile.
-	flushing       map[int64]store.Vector
+	flushing       bucketTable
 	flushed        []flushedBucket // flushing in bucket order, for foldFlushed
 	totalsFlushing []int64
 
@@ -85,8 +86,6 @@ func (p *Processor) newSegment(key store.Segment) *segment {
 	s := &segment{
 		key:            key,
 		breakdown:      bd,
-		pending:        map[int64]store.Vector{},
-		flushing:       map[int64]store.Vector{},
 		totalsFlushing: make([]int64, l.stages),
 		sums:           make([]int64, len(l.ranges)*l.vecLen),
 		totals:         make([]int64, l.stages),
@@ -140,14 +139,14 @@ func (s *segment) lookup(p *Processor, b int64, remember bool) store.Vector {
 	if s.last != nil && s.lastB == b {
 		return s.last
 	}
-	v, ok := s.pending[b]
-	if !ok {
+	v := s.pending.get(b)
+	if v == nil {
 		v = p.vecs.alloc()
 		p.addPending(p.vecBytes)
-		if len(s.pending) == 0 {
+		if s.pending.n == 0 {
 			p.dirtySegments = append(p.dirtySegments, s)
 		}
-		s.pending[b] = v
+		s.pending.put(b, v)
 	}
 	if remember {
 		s.lastB, s.last = b, v
@@ -155,20 +154,103 @@ func (s *segment) lookup(p *Processor, b int64, remember bool) store.Vector {
 	return v
 }
 
-// clearFlushing empties the deltas of a flush. A map grown by a catch-up
-// (thousands of buckets) is dropped rather than cleared: Go maps do not
-// shrink.
+// clearFlushing empties the deltas of a flush.
 func (s *segment) clearFlushing() {
 	clear(s.flushed)
 	s.flushed = s.flushed[:0]
 	if cap(s.flushed) > 4096 {
 		s.flushed = nil
 	}
-	if len(s.flushing) > 256 {
-		s.flushing = map[int64]store.Vector{}
-		return
+	s.flushing.reset()
+}
+
+// bucketTable maps buckets to a segment's pending delta vectors. It is an
+// open-addressing table probed linearly, and its slot keeps the low six
+// bits of the bucket: the buckets of a flush mostly come in runs of
+// consecutive buckets (one per partition's stretch of event time), which
+// then take consecutive slots, so that most lookups read one slot next to
+// the previous one. With Go's map, which hashes them apart, segment.vec was
+// 10% of a replay's CPU profile; the table took 3-5% off the replay's CPU
+// (docs/performance.md).
+type bucketTable struct {
+	slots []bucketSlot // a power of two of them, or none
+	n     int
+}
+
+// bucketSlot is a slot of a bucketTable; v is nil when it is free.
+type bucketSlot struct {
+	b int64
+	v store.Vector
+}
+
+// home is the slot where the search for b starts: runs of 64 buckets are
+// spread by a multiplicative hash, the buckets within one stay in order.
+func (t *bucketTable) home(b int64) int {
+	h := uint64(b)&63 | (uint64(b>>6)*0x9e3779b97f4a7c15)<<6
+	return int(h & uint64(len(t.slots)-1))
+}
+
+// get returns the vector of b, or nil.
+func (t *bucketTable) get(b int64) store.Vector {
+	if t.n == 0 {
+		return nil
 	}
-	clear(s.flushing)
+	mask := len(t.slots) - 1
+	for i := t.home(b); ; i = (i + 1) & mask {
+		sl := &t.slots[i]
+		if sl.v == nil || sl.b == b {
+			return sl.v
+		}
+	}
+}
+
+// put adds b, which the table does not hold, with v (not nil).
+func (t *bucketTable) put(b int64, v store.Vector) {
+	// Three quarters full at most: about the memory per bucket of Go's
+	// map, for a few more probes.
+	if 4*(t.n+1) > 3*len(t.slots) {
+		old := t.slots
+		t.slots = make([]bucketSlot, max(16, 2*len(old)))
+		for _, sl := range old {
+			if sl.v != nil {
+				t.insert(sl.b, sl.v)
+			}
+		}
+	}
+	t.insert(b, v)
+	t.n++
+}
+
+func (t *bucketTable) insert(b int64, v store.Vector) {
+	mask := len(t.slots) - 1
+	i := t.home(b)
+	for t.slots[i].v != nil {
+		i = (i + 1) & mask
+	}
+	t.slots[i] = bucketSlot{b, v}
+}
+
+// all iterates over the buckets and their vectors, in no particular order.
+func (t *bucketTable) all() iter.Seq2[int64, store.Vector] {
+	return func(yield func(int64, store.Vector) bool) {
+		for _, sl := range t.slots {
+			if sl.v != nil && !yield(sl.b, sl.v) {
+				return
+			}
+		}
+	}
+}
+
+// reset empties the table. A table mostly free (grown by a catch-up, now
+// live) is dropped, so that it neither holds its memory nor costs its
+// clearing at every flush.
+func (t *bucketTable) reset() {
+	if len(t.slots) > 64 && 8*t.n < len(t.slots) {
+		t.slots = nil
+	} else {
+		clear(t.slots)
+	}
+	t.n = 0
 }
 
 func (s *segment) sum(l *layout, r, i int) int64 { return s.sums[r*l.vecLen+i] }

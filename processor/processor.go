@@ -1128,7 +1128,7 @@ func (p *Processor) prepare() (*inflight, *store.Batch) {
 		if !p.ownsSegments() {
 			break
 		}
-		for b, v := range s.pending {
+		for b, v := range s.pending.all() {
 			bw = append(bw, bucketWrite{b, s, v})
 		}
 	}
@@ -1231,7 +1231,7 @@ func (p *Processor) prepare() (*inflight, *store.Batch) {
 func (p *Processor) restore(f *inflight) {
 	p.deadLetters = append(f.deadLetters, p.deadLetters...)
 	for _, s := range f.segments {
-		for b, v := range s.flushing {
+		for b, v := range s.flushing.all() {
 			dst := s.vec(p, b)
 			for i, x := range v {
 				dst[i] += x

@@ -549,9 +549,9 @@ func (s *ScaleOut) prepareMarker(f *inflight, _ *store.Batch) {
 		// Not sorted: under the mutex, sorting the thousands of buckets
 		// of a catch-up flush costs more than the byte or two per bucket
 		// it would save in the record.
-		ms.Buckets = make([]int64, 0, len(sg.flushing))
-		ms.Vecs = make([]int64, 0, len(sg.flushing)*p.layout.vecLen)
-		for b, v := range sg.flushing {
+		ms.Buckets = make([]int64, 0, sg.flushing.n)
+		ms.Vecs = make([]int64, 0, sg.flushing.n*p.layout.vecLen)
+		for b, v := range sg.flushing.all() {
 			ms.Buckets = append(ms.Buckets, b)
 			ms.Vecs = append(ms.Vecs, v...)
 		}
