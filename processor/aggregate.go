@@ -448,7 +448,7 @@ func scanBuckets(st *store.Store, lo, hi int64, fn func(b int64, seg []byte, v s
 		for i, b := range bt.buckets {
 			if decodeErr == nil {
 				var err error
-				if vec, err = store.DecodeVector(vec[:0], bt.encs[enc0:bt.encEnds[i]]); err != nil {
+				if vec, err = store.DecodeBucketVector(vec, bt.encs[enc0:bt.encEnds[i]]); err != nil {
 					decodeErr = fmt.Errorf("bucket %d: %w", b, err)
 				} else {
 					fn(b, bt.segs[seg0:bt.segEnds[i]], vec)

@@ -102,7 +102,7 @@ func (c *BucketCursor) load() {
 	}
 	e := &c.entries[c.i]
 	var err error
-	if c.vec, err = DecodeVector(c.vec[:0], c.encs[e.encFrom:e.encTo]); err != nil {
+	if c.vec, err = DecodeBucketVector(c.vec, c.encs[e.encFrom:e.encTo]); err != nil {
 		c.err = fmt.Errorf("bucket %d: %w", e.bucket, err)
 		c.valid = false
 	}

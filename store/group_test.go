@@ -1,8 +1,10 @@
 package store
 
 import (
+	"encoding/binary"
 	"fmt"
 	"maps"
+	"math"
 	"math/rand/v2"
 	"slices"
 	"testing"
@@ -75,7 +77,7 @@ func TestAddBucketGroups(t *testing.T) {
 			b := s.NewBatch()
 			for _, seg := range []Segment{segA, segB} {
 				for i, bucket := range tc.buckets {
-					b.AddBucket(bucket, seg, Vector{1, int64(i)})
+					b.AddBucket(bucket, seg, Vector{int64(i), 1})
 					sums[fmt.Sprintf("%x/%d", seg, bucket)] += int64(i)
 				}
 			}
@@ -88,7 +90,7 @@ func TestAddBucketGroups(t *testing.T) {
 							n++
 						}
 					}
-					want[k] = fmt.Sprint(Vector{n, sums[k]})
+					want[k] = fmt.Sprint(Vector{sums[k], n})
 				}
 			}
 			if err := b.Commit(); err != nil {
@@ -290,7 +292,7 @@ func FuzzBucketGroup(f *testing.F) {
 			if !ok {
 				break
 			}
-			if _, err := DecodeVector(nil, enc); err != nil {
+			if _, err := DecodeBucketVector(nil, enc); err != nil {
 				valid = false
 				break
 			}
@@ -308,7 +310,7 @@ func FuzzBucketGroup(f *testing.F) {
 			}
 			want, got := groupSums(t, raw), groupSums(t, out)
 			for off, v := range want {
-				if g := got[off]; !slices.Equal(g, v.Add(v)) {
+				if g := got[off]; !slices.Equal(g, trimZeros(v.Add(v))) {
 					t.Fatalf("self-merge of %x at %d = %v; want twice %v", raw, off, g, v)
 				}
 			}
@@ -375,10 +377,78 @@ func groupSums(t *testing.T, b []byte) map[int]Vector {
 		if !ok {
 			return out
 		}
-		v, err := DecodeVector(nil, enc)
+		v, err := DecodeBucketVector(nil, enc)
 		if err != nil {
 			t.Fatalf("group %x at %d: %v", b, off, err)
 		}
 		out[off] = v
 	}
+}
+
+// TestSparseVector checks the sparse form of a bucket's Vector on the
+// shapes that matter: empty, all zeros, gaps, trailing zeros, extremes.
+func TestSparseVector(t *testing.T) {
+	for _, tc := range []struct {
+		v    Vector
+		want Vector // trailing zeros dropped
+		size int
+	}{
+		{nil, Vector{}, 1},
+		{Vector{0, 0, 0}, Vector{}, 1},
+		{Vector{1}, Vector{1}, 3},
+		{Vector{0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1}, Vector{0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1}, 5},
+		{Vector{-3, 0, 0}, Vector{-3}, 3},
+		{Vector{math.MinInt64, math.MaxInt64}, Vector{math.MinInt64, math.MaxInt64}, 1 + 2*(1+10)},
+	} {
+		enc := appendSparse(nil, tc.v)
+		got, err := DecodeBucketVector(nil, enc)
+		if err != nil || !slices.Equal(got, tc.want) {
+			t.Errorf("DecodeBucketVector(appendSparse(%v)) = %v, %v; want %v", tc.v, got, err, tc.want)
+		}
+		if len(enc) != tc.size {
+			t.Errorf("appendSparse(%v) takes %d bytes; want %d", tc.v, len(enc), tc.size)
+		}
+		if n, err := sparseLen(append(enc, 9, 9)); err != nil || n != len(enc) {
+			t.Errorf("sparseLen(appendSparse(%v) + 2 bytes) = %d, %v; want %d", tc.v, n, err, len(enc))
+		}
+	}
+	for _, b := range [][]byte{{}, {1}, {1, 0}, {2, 0, 2}, {1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 2}, {1, 0, 2, 7}} {
+		if v, err := DecodeBucketVector(nil, b); err == nil {
+			t.Errorf("DecodeBucketVector(%x) = %v; want an error", b, v)
+		}
+	}
+}
+
+// FuzzSparseVector checks that decoding never panics, that what decodes
+// encodes to something that decodes the same, and that any vector
+// round-trips but for its trailing zeros.
+func FuzzSparseVector(f *testing.F) {
+	f.Add(appendSparse(nil, Vector{0, 1, 0, -2, math.MaxInt64}))
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if v, err := DecodeBucketVector(nil, b); err == nil {
+			// An encoding may hold zeros; encoding again drops those at
+			// the end.
+			again, err := DecodeBucketVector(nil, appendSparse(nil, v))
+			if err != nil || !slices.Equal(again, trimZeros(v)) {
+				t.Fatalf("decode∘encode∘decode(%x) = %v, %v; want %v", b, again, err, v)
+			}
+		}
+		var v Vector
+		for i := 0; i+8 <= len(b); i += 8 {
+			v = append(v, int64(binary.LittleEndian.Uint64(b[i:])))
+		}
+		want := trimZeros(v)
+		got, err := DecodeBucketVector(nil, appendSparse(nil, v))
+		if err != nil || !slices.Equal(got, want) {
+			t.Fatalf("DecodeBucketVector(appendSparse(%v)) = %v, %v", v, got, err)
+		}
+	})
+}
+
+func trimZeros(v Vector) Vector {
+	for len(v) > 0 && v[len(v)-1] == 0 {
+		v = v[:len(v)-1]
+	}
+	return v
 }

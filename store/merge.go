@@ -142,7 +142,7 @@ func (m *groupAdder) addGroup(value []byte) error {
 			m.present |= 1 << off
 			m.sums[off] = m.sums[off][:0]
 		}
-		if err := addEncoded(&m.sums[off], enc); err != nil {
+		if _, err := addSparse(&m.sums[off], enc); err != nil {
 			return err
 		}
 	}

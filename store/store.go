@@ -149,6 +149,7 @@ func (s *Store) convertLegacyBuckets(readOnly bool, log *slog.Logger) error {
 		group   int64
 		size    int
 		keys    int
+		vec     Vector
 	)
 	endGroup := func() {
 		for _, seg := range pending {
@@ -176,10 +177,7 @@ func (s *Store) convertLegacyBuckets(readOnly bool, log *slog.Logger) error {
 		}
 		v, err := iter.ValueAndErr()
 		if err == nil {
-			var n int
-			if n, err = vectorLen(v); err == nil && n != len(v) {
-				err = errCorrupt
-			}
+			vec, err = DecodeVector(vec[:0], v)
 		}
 		if err != nil {
 			batch.Close()
@@ -200,7 +198,7 @@ func (s *Store) convertLegacyBuckets(readOnly bool, log *slog.Logger) error {
 		if !ok {
 			pending = append(pending, string(seg))
 		}
-		groups[string(seg)] = append(append(val, byte(off)), v...)
+		groups[string(seg)] = appendGroupEntry(val, off, vec)
 		keys++
 	}
 	if err := iter.Error(); err != nil {
@@ -571,7 +569,7 @@ func (s *Store) Buckets(lo, hi int64, fn func(bucket int64, seg []byte, v Vector
 	var vec Vector
 	return s.EncodedBuckets(lo, hi, func(b int64, seg, enc []byte) error {
 		var err error
-		if vec, err = DecodeVector(vec[:0], enc); err != nil {
+		if vec, err = DecodeBucketVector(vec, enc); err != nil {
 			return fmt.Errorf("bucket %d: %w", b, err)
 		}
 		fn(b, seg, vec)
@@ -580,7 +578,7 @@ func (s *Store) Buckets(lo, hi int64, fn func(bucket int64, seg []byte, v Vector
 }
 
 // EncodedBuckets is Buckets without decoding the vectors: fn gets each as
-// DecodeVector reads it, so that the caller can decode it elsewhere. seg
+// DecodeBucketVector reads it, so that the caller can decode it elsewhere. seg
 // and enc are only valid during the call; an error of fn ends the scan and
 // is returned.
 func (s *Store) EncodedBuckets(lo, hi int64, fn func(bucket int64, seg, enc []byte) error) error {
