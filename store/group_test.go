@@ -190,68 +190,49 @@ func legacyMerge(t *testing.T, s *Store, bucket int64, seg Segment, v Vector) {
 }
 
 // TestConvertLegacyBuckets checks that Open converts a store of the layout
-// before bucket groups, also one whose conversion stopped half way (some
-// groups converted, their legacy keys deleted), and that a read-only Open
-// refuses to read one.
+// before bucket groups: in one batch or many, and after a conversion that
+// stopped between batches (the groups below 0 converted, their legacy keys
+// deleted, the others not yet); and that a read-only Open refuses such a
+// store.
 func TestConvertLegacyBuckets(t *testing.T) {
-	rng := rand.New(rand.NewPCG(5, 6))
 	segs := []Segment{MakeSegment(0, nil), MakeSegment(1, []uint32{1}), MakeSegment(3, []uint32{4, 5})}
-	for _, half := range []bool{false, true} {
-		t.Run(fmt.Sprintf("half=%v", half), func(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		batchBytes int // of a first conversion of the buckets below 0; 0 for none
+	}{
+		{"one batch", 0},
+		{"stopped, small batches", 100},
+		{"stopped, one batch", convertBatchBytes},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(5, 6))
 			fs := vfs.NewMem()
 			s, err := Open("db", Options{FS: fs})
 			if err != nil {
 				t.Fatal(err)
 			}
-			want := map[string]Vector{}
-			for range 2000 {
-				b, seg := rng.Int64N(3000)-1000, segs[rng.IntN(len(segs))]
-				v := Vector{1, rng.Int64N(1 << 40)}
-				legacyMerge(t, s, b, seg, v)
-				k := fmt.Sprintf("%x/%d", seg, b)
-				want[k] = want[k].Add(v)
+			want := map[string]string{}
+			sums := map[string]Vector{}
+			write := func(negative bool) {
+				for range 1000 {
+					b, seg := rng.Int64N(3000), segs[rng.IntN(len(segs))]
+					if negative {
+						b = -1 - b
+					}
+					v := Vector{1, rng.Int64N(1 << 40)}
+					legacyMerge(t, s, b, seg, v)
+					k := fmt.Sprintf("%x/%d", seg, b)
+					sums[k] = sums[k].Add(v)
+					want[k] = fmt.Sprint(sums[k])
+				}
 			}
-			if half {
-				// What a conversion that committed the groups below 0 leaves.
-				var legacy []struct {
-					b   int64
-					seg Segment
-					v   Vector
-				}
-				for k, v := range want {
-					var seg []byte
-					var b int64
-					fmt.Sscanf(k, "%x/%d", &seg, &b)
-					if b < 0 {
-						legacy = append(legacy, struct {
-							b   int64
-							seg Segment
-							v   Vector
-						}{b, Segment(seg), v})
-					}
-				}
-				slices.SortFunc(legacy, func(x, y struct {
-					b   int64
-					seg Segment
-					v   Vector
-				}) int {
-					return int(x.b - y.b)
-				})
-				groups := map[string][]byte{}
-				for _, l := range legacy {
-					g, off := groupOf(l.b)
-					k := string(groupKey(g, l.seg))
-					groups[k] = appendGroupEntry(groups[k], off, l.v)
-				}
-				for k, v := range groups {
-					if err := s.db.Set([]byte(k), v, nil); err != nil {
-						t.Fatal(err)
-					}
-				}
-				if err := s.db.DeleteRange([]byte{prefixLegacyBucket}, appendI64([]byte{prefixLegacyBucket}, 0), pebble.Sync); err != nil {
+			write(true)
+			if tc.batchBytes > 0 {
+				if err := s.convertLegacyBuckets(false, nil, tc.batchBytes); err != nil {
 					t.Fatal(err)
 				}
 			}
+			write(false)
 			if err := s.Close(); err != nil {
 				t.Fatal(err)
 			}
@@ -262,12 +243,8 @@ func TestConvertLegacyBuckets(t *testing.T) {
 			if n := countKeys(t, s, prefixLegacyBucket); n != 0 {
 				t.Errorf("%d legacy bucket keys after the conversion; want 0", n)
 			}
-			wantStr := map[string]string{}
-			for k, v := range want {
-				wantStr[k] = fmt.Sprint(v)
-			}
-			if got := readAll(t, s); !maps.Equal(got, wantStr) {
-				t.Errorf("after the conversion: %d buckets; want %d", len(got), len(wantStr))
+			if got := readAll(t, s); !maps.Equal(got, want) {
+				t.Errorf("after the conversion: %d buckets; want %d", len(got), len(want))
 			}
 		})
 	}

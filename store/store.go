@@ -112,7 +112,7 @@ func Open(dir string, o Options) (*Store, error) {
 		return nil, fmt.Errorf("open store %q: %w", dir, err)
 	}
 	s.db = db
-	if err := s.convertLegacyBuckets(o.ReadOnly, o.Logger); err != nil {
+	if err := s.convertLegacyBuckets(o.ReadOnly, o.Logger, convertBatchBytes); err != nil {
 		_ = db.Close()
 		return nil, fmt.Errorf("open store %q: %w", dir, err)
 	}
@@ -124,11 +124,12 @@ func Open(dir string, o Options) (*Store, error) {
 const convertBatchBytes = 4 << 20
 
 // convertLegacyBuckets rewrites the buckets of a store of an earlier
-// version, one key per bucket, as bucket groups. Each batch sets whole
-// groups and deletes the legacy keys they came from, so a conversion that
+// version, one key per bucket, as bucket groups, in batches of about
+// batchBytes. Each batch sets whole groups and deletes the legacy keys
+// they came from, so a conversion that
 // stops half way (a crash) goes on from where it stopped at the next Open.
 // A read-only store cannot be converted and is refused.
-func (s *Store) convertLegacyBuckets(readOnly bool, log *slog.Logger) error {
+func (s *Store) convertLegacyBuckets(readOnly bool, log *slog.Logger, batchBytes int) error {
 	iter, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixLegacyBucket}, UpperBound: []byte{prefixLegacyBucket + 1}})
 	if err != nil {
 		return fmt.Errorf("convert buckets: %w", err)
@@ -151,6 +152,7 @@ func (s *Store) convertLegacyBuckets(readOnly bool, log *slog.Logger) error {
 		keys    int
 		vec     Vector
 	)
+	defer func() { batch.Close() }()
 	endGroup := func() {
 		for _, seg := range pending {
 			v := groups[seg]
@@ -160,6 +162,8 @@ func (s *Store) convertLegacyBuckets(readOnly bool, log *slog.Logger) error {
 		}
 		pending = pending[:0]
 	}
+	// commit deletes the legacy keys from `from` to `to`, whose groups the
+	// batch sets, and starts the next batch.
 	commit := func(to []byte) error {
 		_ = batch.DeleteRange(from, to, nil)
 		if err := batch.Commit(pebble.Sync); err != nil {
@@ -172,7 +176,6 @@ func (s *Store) convertLegacyBuckets(readOnly bool, log *slog.Logger) error {
 	for ; iter.Valid(); iter.Next() {
 		b, seg, err := parseLegacyBucketKey(iter.Key())
 		if err != nil {
-			batch.Close()
 			return err
 		}
 		v, err := iter.ValueAndErr()
@@ -180,15 +183,13 @@ func (s *Store) convertLegacyBuckets(readOnly bool, log *slog.Logger) error {
 			vec, err = DecodeVector(vec[:0], v)
 		}
 		if err != nil {
-			batch.Close()
 			return fmt.Errorf("convert bucket %d: %w", b, err)
 		}
 		g, off := groupOf(b)
 		if keys > 0 && g != group {
 			endGroup()
-			if size >= convertBatchBytes {
+			if size >= batchBytes {
 				if err := commit(slices.Clone(iter.Key()[:9])); err != nil {
-					batch.Close()
 					return err
 				}
 			}
@@ -202,15 +203,12 @@ func (s *Store) convertLegacyBuckets(readOnly bool, log *slog.Logger) error {
 		keys++
 	}
 	if err := iter.Error(); err != nil {
-		batch.Close()
 		return fmt.Errorf("convert buckets: %w", err)
 	}
 	endGroup()
 	if err := commit([]byte{prefixLegacyBucket + 1}); err != nil {
-		batch.Close()
 		return err
 	}
-	batch.Close()
 	if log != nil {
 		log.Info("converted the store's buckets to bucket groups", "buckets", keys, "duration", time.Since(start).Round(time.Millisecond))
 	}
