@@ -208,16 +208,16 @@ func (p *Processor) sortBucketWrites(bw []bucketWrite) []bucketWrite {
 		return bw
 	}
 	out := slices.Grow(p.sortedWrites[:0], len(bw))[:len(bw)]
-	at := p.countingSort(out, bw, int(hi-lo)+1, func(w *bucketWrite) int { return int(w.b - lo) })
-	at = p.countingSort(bw, out, len(p.byKey), func(w *bucketWrite) int { return w.s.rank })
+	p.countingSort(out, bw, int(hi-lo)+1, func(w *bucketWrite) int { return int(w.b - lo) })
+	p.countingSort(bw, out, len(p.byKey), func(w *bucketWrite) int { return w.s.rank })
 	clear(out)
-	p.sortCounts, p.sortedWrites = at[:0], out[:0]
+	p.sortedWrites = out[:0]
 	return bw
 }
 
 // countingSort writes src into dst ordered by key (below n), keeping the
-// order of equal keys, and returns its scratch of counts.
-func (p *Processor) countingSort(dst, src []bucketWrite, n int, key func(*bucketWrite) int) []int {
+// order of equal keys.
+func (p *Processor) countingSort(dst, src []bucketWrite, n int, key func(*bucketWrite) int) {
 	at := slices.Grow(p.sortCounts[:0], n+1)[:n+1]
 	clear(at)
 	for i := range src {
@@ -232,7 +232,6 @@ func (p *Processor) countingSort(dst, src []bucketWrite, n int, key func(*bucket
 		at[k]++
 	}
 	p.sortCounts = at[:0]
-	return at
 }
 
 // combo is a combination of dimension values (dictionary ids) and the

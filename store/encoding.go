@@ -277,8 +277,9 @@ func (r *sparseReader) next() (int, int64, bool, error) {
 	return r.i, x, true, nil
 }
 
-// addSparse adds the sparse Vector b to *v, growing *v as needed, and
-// returns the length of b's encoding (b may go on after it).
+// addSparse adds the sparse Vector at the start of b to *v, growing *v as
+// needed, or only reads it when v is nil, and returns the length of its
+// encoding (b may go on after it).
 func addSparse(v *Vector, b []byte) (int, error) {
 	r, err := newSparseReader(b)
 	if err != nil {
@@ -291,6 +292,9 @@ func addSparse(v *Vector, b []byte) (int, error) {
 		}
 		if !ok {
 			return len(b) - len(r.b), nil
+		}
+		if v == nil {
+			continue
 		}
 		for len(*v) <= i {
 			*v = append(*v, 0)
@@ -331,27 +335,10 @@ func (r *groupReader) next() (off int, enc []byte, ok bool, err error) {
 	if off >= 1<<groupBits || off <= r.prev {
 		return 0, nil, false, fmt.Errorf("bucket group offset %d after %d: %w", off, r.prev, errCorrupt)
 	}
-	n, err := sparseLen(r.b[1:])
+	n, err := addSparse(nil, r.b[1:])
 	if err != nil {
 		return 0, nil, false, fmt.Errorf("bucket group offset %d: %w", off, err)
 	}
 	enc, r.b, r.prev = r.b[1:1+n], r.b[1+n:], off
 	return off, enc, true, nil
-}
-
-// sparseLen returns the length of the sparse Vector at the start of b.
-func sparseLen(b []byte) (int, error) {
-	r, err := newSparseReader(b)
-	if err != nil {
-		return 0, err
-	}
-	for {
-		_, _, ok, err := r.next()
-		if err != nil {
-			return 0, err
-		}
-		if !ok {
-			return len(b) - len(r.b), nil
-		}
-	}
 }

@@ -385,8 +385,8 @@ func TestSparseVector(t *testing.T) {
 		if len(enc) != tc.size {
 			t.Errorf("appendSparse(%v) takes %d bytes; want %d", tc.v, len(enc), tc.size)
 		}
-		if n, err := sparseLen(append(enc, 9, 9)); err != nil || n != len(enc) {
-			t.Errorf("sparseLen(appendSparse(%v) + 2 bytes) = %d, %v; want %d", tc.v, n, err, len(enc))
+		if n, err := addSparse(nil, append(enc, 9, 9)); err != nil || n != len(enc) {
+			t.Errorf("addSparse(nil, appendSparse(%v) + 2 bytes) = %d, %v; want %d", tc.v, n, err, len(enc))
 		}
 	}
 	for _, b := range [][]byte{{}, {1}, {1, 0}, {2, 0, 2}, {1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 2}, {1, 0, 2, 7}} {
