@@ -5,7 +5,6 @@ import (
 	"iter"
 	"math"
 	"slices"
-	"strings"
 	"sync"
 
 	"golang.org/x/sync/errgroup"
@@ -19,7 +18,7 @@ import (
 type segment struct {
 	key       store.Segment
 	breakdown int
-	rank      int      // in key order among the segments, see Processor.rankSegments
+	index     int      // in Processor.segmentList
 	labels    []string // values of the breakdown's dimensions
 
 	// pending holds per-bucket deltas since the last flush; last caches the
@@ -103,23 +102,9 @@ func (p *Processor) newSegment(key store.Segment) *segment {
 		}
 	}
 	p.segments[key] = s
+	s.index = len(p.segmentList)
 	p.segmentList = append(p.segmentList, s)
-	p.ranked = false
 	return s
-}
-
-// rankSegments numbers the segments densely, in key order, so that a flush
-// orders its bucket writes by segment with a counting sort.
-func (p *Processor) rankSegments() {
-	if p.ranked {
-		return
-	}
-	byKey := append(p.byKey[:0], p.segmentList...)
-	slices.SortFunc(byKey, func(x, y *segment) int { return strings.Compare(string(x.key), string(y.key)) })
-	for i, s := range byKey {
-		s.rank = i
-	}
-	p.byKey, p.ranked = byKey, true
 }
 
 // segmentFor returns the segment with the given key, creating it.

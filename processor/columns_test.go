@@ -268,7 +268,7 @@ func TestSortBucketWrites(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	segs := make([]*segment, 50)
 	for i, r := range rng.Perm(len(segs)) {
-		segs[i] = &segment{rank: r}
+		segs[i] = &segment{index: r}
 	}
 	for _, tc := range []struct {
 		name   string
@@ -276,28 +276,28 @@ func TestSortBucketWrites(t *testing.T) {
 		spread int64
 	}{{"empty", 0, 1}, {"one", 1, 1}, {"dense", 5000, 300}, {"runs", 3000, 5000}, {"sparse", 200, 1 << 40}} {
 		t.Run(tc.name, func(t *testing.T) {
-			p := &Processor{byKey: segs}
+			p := &Processor{segmentList: segs}
 			for range 3 { // reusing the scratch
 				var bw []bucketWrite
 				seen := map[[2]int64]bool{}
 				for len(bw) < tc.n {
 					w := bucketWrite{b: 1_000_000 - tc.spread/2 + rng.Int64N(tc.spread), s: segs[rng.IntN(len(segs))]}
-					if k := [2]int64{w.b, int64(w.s.rank)}; !seen[k] {
+					if k := [2]int64{w.b, int64(w.s.index)}; !seen[k] {
 						seen[k] = true
 						bw = append(bw, w)
 					}
 				}
 				want := slices.Clone(bw)
 				slices.SortFunc(want, func(x, y bucketWrite) int {
-					return cmp.Or(cmp.Compare(x.s.rank, y.s.rank), cmp.Compare(x.b, y.b))
+					return cmp.Or(cmp.Compare(x.s.index, y.s.index), cmp.Compare(x.b, y.b))
 				})
 				got := p.sortBucketWrites(bw)
 				if len(got) != len(want) {
 					t.Fatalf("got %d writes; want %d", len(got), len(want))
 				}
 				for i := range got {
-					if got[i].b != want[i].b || got[i].s.rank != want[i].s.rank {
-						t.Fatalf("write %d: got bucket %d rank %d; want bucket %d rank %d", i, got[i].b, got[i].s.rank, want[i].b, want[i].s.rank)
+					if got[i].b != want[i].b || got[i].s.index != want[i].s.index {
+						t.Fatalf("write %d: got bucket %d segment %d; want bucket %d segment %d", i, got[i].b, got[i].s.index, want[i].b, want[i].s.index)
 					}
 				}
 			}

@@ -171,12 +171,8 @@ type Processor struct {
 	bucketWrites []bucketWrite
 	sortedWrites []bucketWrite // scratch of sortBucketWrites
 	sortCounts   []int         // scratch of sortBucketWrites
-	// ranked says the segments' ranks are in key order; byKey is the
-	// scratch that orders them.
-	ranked   bool
-	byKey    []*segment
-	vecBuf   []store.Vector
-	evictBuf []int64
+	vecBuf       []store.Vector
+	evictBuf     []int64
 }
 
 // bucketWrite is a pending bucket of a segment, to write.
@@ -191,7 +187,7 @@ type bucketWrite struct {
 // together and in order (store.Batch.AddBucket), and foldFlushed wants each
 // segment's in order. The buckets of a flush mostly fall in a few dense
 // runs (one per partition's stretch of event time), so it sorts by two
-// stable counting passes, by bucket and then by segment rank; buckets
+// stable counting passes, by bucket and then by segment; buckets
 // spread far wider than there are writes are sorted by comparison instead.
 func (p *Processor) sortBucketWrites(bw []bucketWrite) []bucketWrite {
 	if len(bw) < 2 {
@@ -203,13 +199,13 @@ func (p *Processor) sortBucketWrites(bw []bucketWrite) []bucketWrite {
 	}
 	if hi-lo > 4*int64(len(bw))+1024 {
 		slices.SortFunc(bw, func(x, y bucketWrite) int {
-			return cmp.Or(cmp.Compare(x.s.rank, y.s.rank), cmp.Compare(x.b, y.b))
+			return cmp.Or(cmp.Compare(x.s.index, y.s.index), cmp.Compare(x.b, y.b))
 		})
 		return bw
 	}
 	out := slices.Grow(p.sortedWrites[:0], len(bw))[:len(bw)]
 	p.countingSort(out, bw, int(hi-lo)+1, func(w *bucketWrite) int { return int(w.b - lo) })
-	p.countingSort(bw, out, len(p.byKey), func(w *bucketWrite) int { return w.s.rank })
+	p.countingSort(bw, out, len(p.segmentList), func(w *bucketWrite) int { return w.s.index })
 	clear(out)
 	p.sortedWrites = out[:0]
 	return bw
@@ -1131,7 +1127,6 @@ func (p *Processor) prepare() (*inflight, *store.Batch) {
 			bw = append(bw, bucketWrite{b, s, v})
 		}
 	}
-	p.rankSegments()
 	sorted := p.sortBucketWrites(bw)
 	for _, w := range sorted {
 		batch.AddBucket(w.b, w.s.key, w.v)
