@@ -24,7 +24,7 @@ import (
 // Buckets are keyed time-major so that moving a window edge is one scan over
 // a few buckets of every segment, and retention is one range deletion. A
 // key holds a group of 64 consecutive buckets of one segment (a bucket
-// group, see AppendBucketGroup): at a few events per segment and minute, a
+// group, see appendGroupEntry): at a few events per segment and minute, a
 // key per bucket made Pebble write, flush and compact a key per increment,
 // which was most of a replay's CPU (docs/performance.md). Stores of earlier
 // versions keyed each bucket on its own under prefix b; Open converts them.
