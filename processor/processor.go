@@ -82,7 +82,7 @@ type Processor struct {
 	// before applying (see pendingBudget).
 	pending      atomic.Int64
 	pendingLimit int64
-	vecBytes     int64
+	vecBytes     int64 // what a pending bucket counts: its vector and bucketOverhead
 	flushNow     chan struct{}
 
 	// flushMu serialises flushes. mu guards the live state: what
@@ -331,7 +331,7 @@ func New(cfg Config, st *store.Store, o Options) (*Processor, error) {
 		p.histDelta = append(p.histDelta, make([]int64, len(ttcBounds)+2))
 	}
 	p.vecs.vecLen, p.vecsFlushing.vecLen = p.layout.vecLen, p.layout.vecLen
-	p.vecBytes = int64(8 * p.layout.vecLen)
+	p.vecBytes = int64(8*p.layout.vecLen) + bucketOverhead
 	p.pendingLimit = max(pendingBudget, 1024*p.vecBytes)
 	p.flushNow = make(chan struct{}, 1)
 	p.evalRanges, p.evalTaps = p.layout.evalTaps()
@@ -1258,6 +1258,13 @@ func (p *Processor) restore(f *inflight) {
 // bounds the size of a marker (docs/scaling.md), which must stay below the
 // deltas topic's max.message.bytes.
 const pendingBudget = 16 << 20
+
+// bucketOverhead is what a pending bucket holds besides its vector: its
+// slot in the segment's bucketTable (32 bytes, at most three quarters
+// full), and at the flush its flushedBucket and two bucketWrites (32 bytes
+// each). Counting only the vector let a catch-up hold about twice the
+// budget.
+const bucketOverhead = 43 + 3*32
 
 // addPending counts n more bytes for the next flush and asks Run for an
 // early flush when they reach pendingLimit. It runs under p.mu.
