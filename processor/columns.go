@@ -546,7 +546,7 @@ func (p *Processor) stepColumns(from, to int64) bool {
 	l := p.layout
 	bucket := p.bucketMs
 	for _, t := range p.evalTaps {
-		t.cursors, t.next = t.cursors[:0], t.next[:0]
+		t.cursors, t.next, t.minNext = t.cursors[:0], t.next[:0], math.MaxInt64
 		for _, s := range p.segmentList {
 			for _, g := range t.groups {
 				stride := 1 + len(p.cols.groups[g].idx)
@@ -554,6 +554,7 @@ func (p *Processor) stepColumns(from, to int64) bool {
 				e := c.search(stride, t.pos+1)
 				t.cursors = append(t.cursors, e)
 				t.next = append(t.next, c.nextBucket(stride, e))
+				t.minNext = min(t.minNext, t.next[len(t.next)-1])
 			}
 		}
 	}
@@ -566,13 +567,20 @@ func (p *Processor) stepColumns(from, to int64) bool {
 			if target <= t.pos {
 				continue
 			}
+			if target < t.minNext {
+				// No cursor has an entry to pass.
+				t.pos = target
+				continue
+			}
 			// Most cursors have no entry to pass at a boundary: their
 			// next buckets, side by side, tell without reading the
 			// columns.
+			minNext := int64(math.MaxInt64)
 			k := 0
 			for _, s := range p.segmentList {
 				for gi, g := range t.groups {
 					if t.next[k] > target {
+						minNext = min(minNext, t.next[k])
 						k++
 						continue
 					}
@@ -590,10 +598,11 @@ func (p *Processor) stepColumns(from, to int64) bool {
 						moved = append(moved, s)
 					}
 					t.cursors[k], t.next[k] = e, c.nextBucket(stride, e)
+					minNext = min(minNext, t.next[k])
 					k++
 				}
 			}
-			t.pos = target
+			t.pos, t.minNext = target, minNext
 		}
 		for _, r := range p.evalRanges {
 			lo, hi := l.ranges[r].bounds(now, bucket)

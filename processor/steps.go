@@ -40,6 +40,7 @@ type tap struct {
 	ops     [][]colOp
 	cursors []int
 	next    []int64 // bucket of the entry at each cursor
+	minNext int64   // the least of next
 }
 
 // tapSub is a range a tap adds to (sign +1, its upper edge) or subtracts
