@@ -308,9 +308,12 @@ func (p *Processor) colDrop() {
 			}
 			c.start += e
 			p.colBytes -= 4 * int64(stride*e)
-			// Compact once the dropped entries are half of the column,
-			// so that dropping costs O(1) per entry.
-			if c.start*stride >= len(c.data)/2 {
+			// Compact once the dropped entries are a quarter of the
+			// column: dropping costs O(1) per entry (three entries copied
+			// per entry dropped), and a column holds at most a third more
+			// than its live entries (with a half, the columns took twice
+			// their live bytes).
+			if c.start*stride >= len(c.data)/4 {
 				n := copy(c.data, c.data[c.start*stride:])
 				c.data, c.start = c.data[:n], 0
 				if cap(c.data) > 1024 && n < cap(c.data)/4 {
