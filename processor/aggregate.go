@@ -505,7 +505,6 @@ func (p *Processor) evaluate() { p.evaluateSegments(p.segmentList) }
 func (p *Processor) evaluateSegments(list []*segment) {
 	l := p.layout
 	a := p.cfg.Alerts
-	histStart, hasHistory := p.evalHistoryStart, p.evalHasHistory
 	for _, s := range list {
 		if s.frozen {
 			continue
@@ -517,10 +516,7 @@ func (p *Processor) evaluateSegments(list []*segment) {
 			e := stepEval{}
 			cur := sl.cohort[sl.window]
 			e.x, e.n = s.sum(l, cur, l.converted(t)), s.sum(l, cur, l.entered(t))
-			for _, r := range sl.baseline {
-				if !hasHistory || p.positions[r].lo < histStart {
-					break
-				}
+			for _, r := range sl.baseline[:p.baselineWeeks(sl.baseline)] {
 				e.available = true
 				e.weeksUsed++
 				e.x0 += s.sum(l, r, l.converted(t))
@@ -555,10 +551,7 @@ func (p *Processor) evaluateSegments(list []*segment) {
 		v.n = s.sum(l, l.volume.current, first)
 		var n0 int64
 		k := 0
-		for _, r := range l.volume.baseline {
-			if !hasHistory || p.positions[r].lo < histStart {
-				break
-			}
+		for _, r := range l.volume.baseline[:p.baselineWeeks(l.volume.baseline)] {
 			k++
 			n0 += s.sum(l, r, first)
 		}
@@ -582,6 +575,18 @@ func (p *Processor) evaluateSegments(list []*segment) {
 		s.vol = v
 		p.setStatus(s, len(s.status)-1, on)
 	}
+}
+
+// baselineWeeks returns how many of the baseline ranges, in order of their
+// shift, lie within the history at the current positions: evaluation uses
+// those.
+func (p *Processor) baselineWeeks(ranges []int) int {
+	for n, r := range ranges {
+		if !p.evalHasHistory || p.positions[r].lo < p.evalHistoryStart {
+			return n
+		}
+	}
+	return len(ranges)
 }
 
 func (p *Processor) setStatus(s *segment, i int, on bool) {

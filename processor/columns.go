@@ -615,7 +615,13 @@ func (p *Processor) stepColumns(from, to int64) bool {
 		// gives the same result (z_off <= z_on makes the hysteresis
 		// idempotent), so after the first boundary only the segments
 		// whose sums moved are evaluated, unless a baseline week came in.
-		weeks = p.baselineWeeks(weeks[:0])
+		weeks = weeks[:0]
+		for _, sl := range l.steps {
+			if sl.alerting {
+				weeks = append(weeks, p.baselineWeeks(sl.baseline))
+			}
+		}
+		weeks = append(weeks, p.baselineWeeks(l.volume.baseline))
 		if b == from || !slices.Equal(weeks, lastWeeks) {
 			p.evaluate()
 		} else {
@@ -629,26 +635,4 @@ func (p *Processor) stepColumns(from, to int64) bool {
 	}
 	p.movedSegs, p.weeksBuf = moved, [2][]int{weeks, lastWeeks}
 	return true
-}
-
-// baselineWeeks appends to dst how many baseline weeks evaluateSegments
-// uses at the current positions, per alerting step and then for volume
-// detection: the weeks that lie within the history.
-func (p *Processor) baselineWeeks(dst []int) []int {
-	count := func(ranges []int) int {
-		n := 0
-		for _, r := range ranges {
-			if !p.evalHasHistory || p.positions[r].lo < p.evalHistoryStart {
-				break
-			}
-			n++
-		}
-		return n
-	}
-	for _, sl := range p.layout.steps {
-		if sl.alerting {
-			dst = append(dst, count(sl.baseline))
-		}
-	}
-	return append(dst, count(p.layout.volume.baseline))
 }
