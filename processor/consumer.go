@@ -263,7 +263,7 @@ func (c *Consumer) readPartition(ctx context.Context, tp store.TopicPartition) e
 		Dialer:         c.dialer,
 		MinBytes:       1,
 		MaxBytes:       16 << 20,
-		MaxWait:        500 * time.Millisecond,
+		MaxWait:        readerMaxWait,
 		QueueCapacity:  4096,
 		ReadBackoffMin: 100 * time.Millisecond,
 		ReadBackoffMax: 5 * time.Second,

@@ -233,7 +233,7 @@ func TestFilterAfterRestart(t *testing.T) {
 	if q.known == nil {
 		t.Fatal("got no entity filter after a batch")
 	}
-	if err := st.EntityKeys(func(key []byte) {
+	if err := st.EntityKeys(context.Background(), func(key []byte) {
 		if !q.known.mayContain(xxhash.Sum64(key[1:])) {
 			t.Errorf("stored entity %q is not in the filter", key[5:])
 		}
@@ -243,4 +243,85 @@ func TestFilterAfterRestart(t *testing.T) {
 	if q.entityCount != entities {
 		t.Errorf("got %d entities after the second stage of the same ones; want %d", q.entityCount, entities)
 	}
+}
+
+// TestFilterRebuild checks that a full entity filter is rebuilt with every
+// stored entity in it although the rebuild's store scan holds no lock:
+// entities cached when it begins and stored only after the scan, and new
+// entities stored during it, both evicted before it ends, are in the new
+// filter. Then a rebuild runs concurrently with batches and flushes.
+func TestFilterRebuild(t *testing.T) {
+	ctx := context.Background()
+	p, st := eventClockProcessor(t, 1000)
+	tm := time.Date(2026, 1, 5, 0, 0, 0, 0, time.UTC).UnixMilli()
+	off := int64(0)
+	apply := func(prefix string, n int, minute int64) {
+		b := &Batch{Topic: "events"}
+		for i := range n {
+			b.Records = append(b.Records, Record{Offset: off, Event: Event{
+				Entity: fmt.Appendf(nil, "%s-%d", prefix, i), Time: tm + minute*60_000, Dims: [][]byte{[]byte("ads"), nil},
+			}})
+			off++
+		}
+		p.ApplyBatch(b)
+	}
+	flush := func() {
+		t.Helper()
+		if err := p.Flush(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	checkStored := func(when string) {
+		t.Helper()
+		missing := 0
+		if err := st.EntityKeys(ctx, func(key []byte) {
+			if !p.known.mayContain(xxhash.Sum64(key[1:])) {
+				missing++
+			}
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if missing > 0 {
+			t.Errorf("%s: %d stored entities are not in the rebuilt filter", when, missing)
+		}
+		if p.known.full() {
+			t.Errorf("%s: got a full filter after the rebuild", when)
+		}
+	}
+
+	apply("a", 3000, 0)
+	flush()
+	p.mu.Lock()
+	p.known = saturatedFilter()
+	p.mu.Unlock()
+	apply("b", 1000, 1) // cached, not stored, when the rebuild begins
+	n, ok := p.beginRebuild()
+	if !ok {
+		t.Fatal("got no rebuild of a full filter")
+	}
+	f, err := p.scanFilter(ctx, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	apply("c", 2000, 2) // new during the rebuild
+	flush()             // stores b and c, and evicts all of b, most of c
+	if p.entities.live > 1000 {
+		t.Fatalf("got %d cached entities; want the cache's 1000 at most, so that the scan's misses are evicted", p.entities.live)
+	}
+	p.endRebuild(f, nil)
+	checkStored("stepwise")
+
+	p.mu.Lock()
+	p.known = saturatedFilter()
+	p.mu.Unlock()
+	done := make(chan error)
+	go func() { done <- p.rebuildFilter(ctx) }()
+	for i := range 5 {
+		apply(fmt.Sprint("d", i), 500, 3+int64(i))
+		flush()
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	checkStored("concurrent")
 }

@@ -94,6 +94,17 @@ func (c KafkaConfig) Transport() (*kafka.Transport, error) {
 	return &kafka.Transport{DialTimeout: 10 * time.Second, TLS: t, SASL: m, Dial: (&net.Dialer{Timeout: 10 * time.Second}).DialContext}, nil
 }
 
+// readerMaxWait is the MaxWait of every kafka-go reader. kafka-go sets the
+// connection's read deadline MaxWait after a fetch is sent and asks the
+// broker to hold the fetch until that deadline less a round trip of
+// min(1s, MaxWait/4). With 500ms a broker busy for more than 125ms (a
+// producer starting at full speed, a collection) answers after the deadline:
+// the reader drops the connection, backs off and redials, and the records
+// that arrived meanwhile wait seconds. 1.5s leaves 1s for the answer and
+// still polls a quiet partition every 0.5s; it delays nothing, since a fetch
+// with MinBytes 1 returns as soon as a record arrives.
+const readerMaxWait = 1500 * time.Millisecond
+
 // kafkaLogger adapts slog to kafka-go's Logger.
 func kafkaLogger(l *slog.Logger, level slog.Level) kafka.LoggerFunc {
 	return func(msg string, args ...any) {

@@ -28,6 +28,7 @@ import (
 	"github.com/cespare/xxhash/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/segmentio/kafka-go"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/funnelwatch/funnelwatch/store"
 )
@@ -84,6 +85,8 @@ type Processor struct {
 	pendingLimit int64
 	vecBytes     int64 // what a pending bucket counts: its vector and bucketOverhead
 	flushNow     chan struct{}
+	// filterFull asks Run to rebuild the entity filter (see rebuildFilter).
+	filterFull chan struct{}
 
 	// flushMu serialises flushes. mu guards the live state: what
 	// ApplyBatch changes. sumsMu guards the segments' running sums and
@@ -107,9 +110,13 @@ type Processor struct {
 	mu       sync.Mutex
 	entities *entityTable
 	// known holds the keys of stored entities: nil until loadFilter
-	// builds it, once (filterOnce).
+	// builds it, once (filterOnce). While rebuildFilter scans the store
+	// (rebuilding), knownLog holds every key that may be stored without
+	// the scan seeing it.
 	known      *entityFilter
 	filterOnce sync.Once
+	rebuilding bool
+	knownLog   []uint64
 	dirty      []uint32 // records of entities changed since the last flush
 	// combos are the distinct combinations of dimension values entities
 	// have, with their segments: an entity refers to one by index.
@@ -334,6 +341,7 @@ func New(cfg Config, st *store.Store, o Options) (*Processor, error) {
 	p.vecBytes = int64(8*p.layout.vecLen) + bucketOverhead
 	p.pendingLimit = max(pendingBudget, 1024*p.vecBytes)
 	p.flushNow = make(chan struct{}, 1)
+	p.filterFull = make(chan struct{}, 1)
 	p.evalRanges, p.evalTaps = p.layout.evalTaps()
 	p.cols, p.colsOn, p.colBudget = newColLayout(p.layout), true, colBudget
 	p.cols.tapOps(p.evalTaps)
@@ -470,7 +478,7 @@ func (p *Processor) loadFilter() {
 		n := max(int(p.entityCount), p.entities.live)
 		p.mu.Unlock()
 		start := time.Now()
-		f, err := p.scanFilter(n)
+		f, err := p.scanFilter(context.Background(), n)
 		if err != nil {
 			// Every key may then be stored: each new entity costs a
 			// lookup until the next flush rebuilds the filter, which
@@ -486,22 +494,92 @@ func (p *Processor) loadFilter() {
 	})
 }
 
-// rebuildFilter sizes the entity filter for twice the entities there are
-// and fills it from the store and the cache.
-func (p *Processor) rebuildFilter() error {
-	f, err := p.scanFilter(max(int(p.entityCount), p.entities.live))
-	if err != nil {
-		return err
+// rebuildFilters rebuilds the entity filter each time a flush finds it
+// full, until ctx is done. A failed rebuild keeps the full filter, which
+// only costs store lookups, until the next flush asks again.
+func (p *Processor) rebuildFilters(ctx context.Context) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-p.filterFull:
+		}
+		if err := p.rebuildFilter(ctx); err != nil && ctx.Err() == nil {
+			p.logger.Error("rebuilding the full entity filter; trying again after the next flush", "err", err)
+		}
 	}
-	p.installFilter(f)
-	return nil
+}
+
+// askRebuild asks rebuildFilters for a new filter if the current one is
+// full.
+func (p *Processor) askRebuild() {
+	if p.known != nil && p.known.full() {
+		select {
+		case p.filterFull <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// rebuildFilter replaces a full entity filter by one sized for twice the
+// entities there are, filled from the store. A scan of millions of keys
+// takes seconds on a busy machine, so it holds neither mu nor flushMu:
+// records are applied and flushed meanwhile, and an entity may be stored
+// after the scan's iterator was opened. Every such entity is in the cache
+// when the rebuild begins or becomes known during it (markKnown), so the
+// keys of both go to knownLog and from there into the new filter.
+func (p *Processor) rebuildFilter(ctx context.Context) error {
+	n, ok := p.beginRebuild()
+	if !ok {
+		return nil
+	}
+	f, err := p.scanFilter(ctx, n)
+	p.endRebuild(f, err)
+	return err
+}
+
+// beginRebuild starts a rebuild if the filter is full, logging the keys of
+// the cached entities, and returns how many entities the new filter is for.
+func (p *Processor) beginRebuild() (n int, ok bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.known == nil || !p.known.full() {
+		return 0, false
+	}
+	p.rebuilding = true
+	p.entities.each(func(_ uint32, r *entityRec) { p.knownLog = append(p.knownLog, xxhash.Sum64(p.entities.key(r))) })
+	return max(int(p.entityCount), p.entities.live), true
+}
+
+// endRebuild adds the logged keys to f, the scan's filter, and installs it;
+// after a failed scan (err) it keeps the full filter.
+func (p *Processor) endRebuild(f *entityFilter, err error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if err == nil {
+		for _, h := range p.knownLog {
+			f.add(h)
+		}
+		p.known = f
+	}
+	p.rebuilding, p.knownLog = false, nil
+}
+
+// markKnown adds the hash of an entity key that may be stored from now on
+// to the entity filter, and to knownLog during a rebuild. It runs under
+// p.mu.
+func (p *Processor) markKnown(h uint64) {
+	p.known.add(h)
+	if p.rebuilding {
+		p.knownLog = append(p.knownLog, h)
+	}
 }
 
 // scanFilter returns a filter sized for twice n entities that holds the
 // keys of the stored ones. It reads only the store.
-func (p *Processor) scanFilter(n int) (*entityFilter, error) {
+func (p *Processor) scanFilter(ctx context.Context, n int) (*entityFilter, error) {
 	f := newEntityFilter(2 * n)
-	err := p.st.EntityKeys(func(key []byte) { f.add(xxhash.Sum64(key[1:])) })
+	err := p.st.EntityKeys(ctx, func(key []byte) { f.add(xxhash.Sum64(key[1:])) })
 	return f, err
 }
 
@@ -927,7 +1005,7 @@ func (p *Processor) entity(partition int, id []byte) (idx uint32, ok bool) {
 	idx = t.insert(p.keyBuf, h)
 	if !found {
 		p.entityCount++
-		p.known.add(h)
+		p.markKnown(h)
 		return idx, true
 	}
 	st := &p.loaded
@@ -1096,9 +1174,7 @@ func (p *Processor) flushLocked(ctx context.Context, sweep bool) error {
 		}
 	}
 	p.evict()
-	if p.known != nil && p.known.full() {
-		return p.rebuildFilter()
-	}
+	p.askRebuild()
 	return nil
 }
 
@@ -1440,9 +1516,18 @@ func (p *Processor) evict() {
 // Run builds the entity filter (see loadFilter), then flushes every flush
 // interval until ctx is done, then flushes once more so that a graceful
 // shutdown loses nothing. Flush errors are logged and retried; Run returns
-// the error of the final flush.
+// the error of the final flush. Beside the flushes it rebuilds the entity
+// filter whenever it fills up.
 func (p *Processor) Run(ctx context.Context) error {
 	p.loadFilter()
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return p.rebuildFilters(gctx) })
+	g.Go(func() error { return p.flushEvery(gctx) })
+	return g.Wait()
+}
+
+// flushEvery is Run's flushing.
+func (p *Processor) flushEvery(ctx context.Context) error {
 	t := time.NewTicker(D(p.cfg.FlushInterval))
 	defer t.Stop()
 	for {

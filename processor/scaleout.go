@@ -442,7 +442,7 @@ func (s *ScaleOut) newDeltasReader() *kafka.Reader {
 		Dialer:         s.dialer,
 		MinBytes:       1,
 		MaxBytes:       deltasMaxBytes + 1<<20,
-		MaxWait:        250 * time.Millisecond,
+		MaxWait:        readerMaxWait,
 		ReadBackoffMin: 50 * time.Millisecond,
 		ReadBackoffMax: 2 * time.Second,
 		Logger:         kafkaLogger(s.logger, slog.LevelDebug),
@@ -1235,8 +1235,10 @@ func (s *ScaleOut) installStates(plans []*restorePlan, states map[int]map[string
 			h := xxhash.Sum64(key)
 			if !p.known.mayContain(h) {
 				p.entityCount++
-				p.known.add(h)
 			}
+			// Even a false positive of the filter goes to a rebuild's
+			// log: the rebuilt filter may not have it.
+			p.markKnown(h)
 		}
 		for topic, off := range pl.applied {
 			b.SetOffset(topic, pl.ep, off)
@@ -1259,9 +1261,7 @@ func (s *ScaleOut) installStates(plans []*restorePlan, states map[int]map[string
 		}
 	}
 	s.holdMu.Unlock()
-	if p.known.full() {
-		return p.rebuildFilter()
-	}
+	p.askRebuild()
 	return nil
 }
 

@@ -10,6 +10,7 @@
 package store
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -691,13 +692,20 @@ func (s *Store) Entities(after []byte, limit int, fn func(key []byte, partition 
 }
 
 // EntityKeys calls fn with the key of every stored entity (as made by
-// AppendEntityKey). key is only valid during the call.
-func (s *Store) EntityKeys(fn func(key []byte)) error {
+// AppendEntityKey), stopping early when ctx is done. key is only valid
+// during the call. It reads the store as of the call: entities stored
+// meanwhile may be missed.
+func (s *Store) EntityKeys(ctx context.Context, fn func(key []byte)) error {
 	iter, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixEntity}, UpperBound: []byte{prefixEntity + 1}})
 	if err != nil {
 		return fmt.Errorf("scan entity keys: %w", err)
 	}
+	n := 0
 	for iter.First(); iter.Valid(); iter.Next() {
+		if n++; n%4096 == 0 && ctx.Err() != nil {
+			iter.Close()
+			return fmt.Errorf("scan entity keys: %w", ctx.Err())
+		}
 		fn(iter.Key())
 	}
 	if err := iter.Close(); err != nil {

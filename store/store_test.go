@@ -3,6 +3,7 @@ package store_test
 import (
 	"bytes"
 	"cmp"
+	"context"
 	"fmt"
 	"maps"
 	"math"
@@ -341,7 +342,7 @@ func TestEntities(t *testing.T) {
 
 	// EntityKeys lists the key of every stored entity, in key order.
 	var keys [][]byte
-	if err := st.EntityKeys(func(k []byte) { keys = append(keys, bytes.Clone(k)) }); err != nil {
+	if err := st.EntityKeys(context.Background(), func(k []byte) { keys = append(keys, bytes.Clone(k)) }); err != nil {
 		t.Fatal(err)
 	}
 	var wantKeys [][]byte
