@@ -38,12 +38,12 @@ type segment struct {
 
 	// cols are the numbers the ranges read of the buckets in their span,
 	// per column group (see columns.go); wide holds those that do not fit
-	// a column's int32.
+	// a column's words.
 	cols []column
 	wide map[wideKey]int64
 	// fill holds, per column group, the entries of the start-up scan
 	// until they move to cols (see colload.go).
-	fill [][][]int32
+	fill [][][]int16
 
 	status []bool // degraded flag per alerting step, then volume
 	eval   []stepEval

@@ -29,7 +29,7 @@ const (
 // used, as colAddGroup does.
 func (p *Processor) colLoad(s *segment, b int64, v store.Vector) bool {
 	if s.fill == nil {
-		s.fill = make([][][]int32, len(p.cols.groups))
+		s.fill = make([][][]int16, len(p.cols.groups))
 	}
 	for g := range p.cols.groups {
 		grp := &p.cols.groups[g]
@@ -39,7 +39,7 @@ func (p *Processor) colLoad(s *segment, b int64, v store.Vector) bool {
 		if !grp.holds(v) {
 			continue
 		}
-		stride := 1 + len(grp.idx)
+		stride := grp.stride
 		c := &s.cols[g]
 		chunks := s.fill[g]
 		if len(chunks) == 0 {
@@ -49,7 +49,7 @@ func (p *Processor) colLoad(s *segment, b int64, v store.Vector) bool {
 		if off > math.MaxInt32 {
 			return false // a span of more than 2^31 buckets
 		}
-		p.colBytes += 4 * int64(stride)
+		p.colBytes += wordBytes * int64(stride)
 		if p.colBytes > p.colBudget {
 			return false
 		}
@@ -59,21 +59,22 @@ func (p *Processor) colLoad(s *segment, b int64, v store.Vector) bool {
 			if n > 0 {
 				entries = min(2*cap(chunks[n-1])/stride, maxChunkEntries)
 			}
-			chunks = append(chunks, make([]int32, 0, entries*stride))
+			chunks = append(chunks, make([]int16, 0, entries*stride))
 			s.fill[g] = chunks
 			n++
 		}
-		ch := append(chunks[n-1], int32(off))
+		k := len(chunks[n-1])
+		ch := chunks[n-1][:k+stride]
+		entry := column{data: ch}
+		entry.setInt32(k, int32(off))
 		for slot, i := range grp.idx {
 			var d int64
 			if i < len(v) {
 				d = v[i]
 			}
-			if d > math.MinInt32 && d <= math.MaxInt32 {
-				ch = append(ch, int32(d))
+			if entry.setNumber(k+grp.at[slot], grp.two[slot], d) {
 				continue
 			}
-			ch = append(ch, wideMark)
 			if s.wide == nil {
 				s.wide = map[wideKey]int64{}
 			}
@@ -96,7 +97,7 @@ func (p *Processor) colLoaded() {
 			if n == 0 {
 				continue
 			}
-			data := make([]int32, 0, n)
+			data := make([]int16, 0, n)
 			for _, ch := range chunks {
 				data = append(data, ch...)
 			}

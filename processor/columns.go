@@ -23,14 +23,23 @@ import (
 // baseline weeks; entities of the first stage over the volume baselines),
 // and a group's column holds the buckets from the lowest bound of its
 // ranges up, sparse: a bucket whose numbers in the group are all zero takes
-// nothing. An entry is the bucket as an int32 offset from the column's base
-// and one int32 per index of the group; a number that does not fit (a sum
-// of values in thousandths, say) is kept exact in the segment's wide map.
+// nothing. A column is a slice of 16-bit words. An entry is the bucket as
+// an int32 offset from the column's base (two words), then the group's
+// numbers: a count in one word (a minute's count in a segment is rarely
+// above 32,767), a sum of values, in thousandths, in two. A number that
+// does not fit is kept exact in the segment's wide map. With int32 words
+// the entries took 98 MiB at the end of the default bench, with these
+// 68 MiB (docs/performance.md).
 
 // colGroup is a set of vector indices read by the same ranges.
 type colGroup struct {
 	idx    []int // vector indices, in order
 	ranges []int // the ranges that read them
+	// stride is the words of an entry; at and two are, per index, the
+	// word of the entry its number starts at and whether it takes two.
+	stride int
+	at     []int
+	two    []bool
 	// from is the lowest bucket from which the columns of the group hold
 	// every stored bucket; a range move below it reads the store.
 	from int64
@@ -110,6 +119,22 @@ func newColLayout(l *layout) *colLayout {
 		}
 		c.groups[g].idx = append(c.groups[g].idx, i)
 	}
+	isValue := make([]bool, l.vecLen)
+	for st := range l.stages {
+		isValue[l.value(st)] = true
+	}
+	for g := range c.groups {
+		grp := &c.groups[g]
+		grp.stride = 2 // the bucket offset
+		for _, i := range grp.idx {
+			grp.at = append(grp.at, grp.stride)
+			grp.two = append(grp.two, isValue[i])
+			grp.stride++
+			if isValue[i] {
+				grp.stride++
+			}
+		}
+	}
 	c.ops = make([][][]colOp, len(l.ranges))
 	for r := range l.ranges {
 		c.ops[r] = make([][]colOp, len(c.groups))
@@ -124,27 +149,62 @@ func newColLayout(l *layout) *colLayout {
 	return c
 }
 
-// wideKey names a number of a column that does not fit an int32.
+// wideKey names a number of a column that does not fit its words.
 type wideKey struct {
 	group, slot int
 	bucket      int64
 }
 
-// wideMark is the int32 of a number kept in the segment's wide map.
-const wideMark = math.MinInt32
+// wordBytes is the size of a column's word.
+const wordBytes = 2
 
 // column is one group's entries of one segment, in bucket order: per
 // entry, the bucket's offset from base, then the group's numbers.
 type column struct {
 	base  int64
 	start int // entries before start are dropped
-	data  []int32
+	data  []int16
 }
 
 func (c *column) len(stride int) int { return len(c.data)/stride - c.start }
 
 func (c *column) bucket(stride, e int) int64 {
-	return c.base + int64(c.data[(c.start+e)*stride])
+	return c.base + int64(c.int32At((c.start+e)*stride))
+}
+
+// int32At is the int32 in words k and k+1.
+func (c *column) int32At(k int) int32 { return int32(c.data[k])<<16 | int32(uint16(c.data[k+1])) }
+
+func (c *column) setInt32(k int, x int32) { c.data[k], c.data[k+1] = int16(x>>16), int16(x) }
+
+// number returns the number at word k, in two words or one; ok is false
+// when the number is kept in the wide map (the words hold the smallest
+// value they can).
+func (c *column) number(k int, two bool) (x int64, ok bool) {
+	if two {
+		y := c.int32At(k)
+		return int64(y), y != math.MinInt32
+	}
+	return int64(c.data[k]), c.data[k] != math.MinInt16
+}
+
+// setNumber stores x at word k if it fits, and the wide mark if not; it
+// reports whether x fits.
+func (c *column) setNumber(k int, two bool, x int64) bool {
+	if two {
+		if x <= math.MinInt32 || x > math.MaxInt32 {
+			c.setInt32(k, math.MinInt32)
+			return false
+		}
+		c.setInt32(k, int32(x))
+		return true
+	}
+	if x <= math.MinInt16 || x > math.MaxInt16 {
+		c.data[k] = math.MinInt16
+		return false
+	}
+	c.data[k] = int16(x)
+	return true
 }
 
 // nextBucket is the bucket of entry e, or MaxInt64 past the last entry.
@@ -173,13 +233,12 @@ func (c *column) searchIn(stride, lo, hi int, b int64) int {
 }
 
 // colValue returns slot of entry e of group g's column.
-func (s *segment) colValue(g, stride, e, slot int) int64 {
+func (s *segment) colValue(g int, grp *colGroup, e, slot int) int64 {
 	c := &s.cols[g]
-	x := c.data[(c.start+e)*stride+1+slot]
-	if x != wideMark {
-		return int64(x)
+	if x, ok := c.number((c.start+e)*grp.stride+grp.at[slot], grp.two[slot]); ok {
+		return x
 	}
-	return s.wide[wideKey{g, slot, c.bucket(stride, e)}]
+	return s.wide[wideKey{g, slot, c.bucket(grp.stride, e)}]
 }
 
 // colBudget bounds the bytes of the columns' entries. The columns hold at
@@ -201,7 +260,7 @@ func (p *Processor) colAddGroup(s *segment, g int, b int64, v store.Vector) bool
 	if !grp.holds(v) {
 		return true
 	}
-	stride := 1 + len(grp.idx)
+	stride := grp.stride
 	c := &s.cols[g]
 	n := c.len(stride)
 	e := n
@@ -212,7 +271,7 @@ func (p *Processor) colAddGroup(s *segment, g int, b int64, v store.Vector) bool
 		if !c.insert(stride, e, b) {
 			return false
 		}
-		p.colBytes += 4 * int64(stride)
+		p.colBytes += wordBytes * int64(stride)
 		if p.colBytes > p.colBudget {
 			return false
 		}
@@ -224,25 +283,23 @@ func (p *Processor) colAddGroup(s *segment, g int, b int64, v store.Vector) bool
 // colAddEntry adds v to entry e, of bucket b, of group g's column.
 func (p *Processor) colAddEntry(s *segment, g, e int, b int64, v store.Vector) {
 	grp := &p.cols.groups[g]
-	stride := 1 + len(grp.idx)
 	c := &s.cols[g]
-	at := (c.start+e)*stride + 1
+	at := (c.start + e) * grp.stride
 	for slot, i := range grp.idx {
 		if i >= len(v) || v[i] == 0 {
 			continue
 		}
 		d := v[i]
-		x := c.data[at+slot]
-		if x == wideMark {
+		k, two := at+grp.at[slot], grp.two[slot]
+		x, ok := c.number(k, two)
+		if !ok {
 			s.wide[wideKey{g, slot, b}] += d
 			continue
 		}
-		sum := int64(x) + d
-		if sum > math.MinInt32 && sum <= math.MaxInt32 {
-			c.data[at+slot] = int32(sum)
+		sum := x + d
+		if c.setNumber(k, two, sum) {
 			continue
 		}
-		c.data[at+slot] = wideMark
 		if s.wide == nil {
 			s.wide = map[wideKey]int64{}
 		}
@@ -267,7 +324,7 @@ func (c *column) insert(stride, e int, b int64) bool {
 			return false
 		}
 		for k := c.start * stride; k < len(c.data); k += stride {
-			c.data[k] = int32(c.base + int64(c.data[k]) - first)
+			c.setInt32(k, int32(c.base+int64(c.int32At(k))-first))
 		}
 		c.base, off = first, b-first
 	}
@@ -275,7 +332,7 @@ func (c *column) insert(stride, e int, b int64) bool {
 	c.data = slices.Grow(c.data, stride)[:n+stride]
 	copy(c.data[at+stride:], c.data[at:n])
 	clear(c.data[at : at+stride])
-	c.data[at] = int32(off)
+	c.setInt32(at, int32(off))
 	return true
 }
 
@@ -292,7 +349,7 @@ func (p *Processor) colDrop() {
 			continue
 		}
 		grp.from = bound
-		stride := 1 + len(grp.idx)
+		stride := grp.stride
 		for _, s := range p.segmentList {
 			c := &s.cols[g]
 			e := c.search(stride, bound)
@@ -307,7 +364,7 @@ func (p *Processor) colDrop() {
 				}
 			}
 			c.start += e
-			p.colBytes -= 4 * int64(stride*e)
+			p.colBytes -= wordBytes * int64(stride*e)
 			// Compact once the dropped entries are a quarter of the
 			// column: dropping costs O(1) per entry (three entries copied
 			// per entry dropped), and a column holds at most a third more
@@ -345,7 +402,8 @@ func (p *Processor) colScan(r int, iv position, sign int64) {
 		if len(ops) == 0 {
 			continue
 		}
-		stride := 1 + len(p.cols.groups[g].idx)
+		grp := &p.cols.groups[g]
+		stride := grp.stride
 		for _, s := range p.segmentList {
 			c := &s.cols[g]
 			n := c.len(stride)
@@ -354,7 +412,7 @@ func (p *Processor) colScan(r int, iv position, sign int64) {
 			}
 			for e := c.search(stride, iv.lo); e < n && c.bucket(stride, e) <= iv.hi; e++ {
 				for _, op := range ops {
-					s.sums[op.off] += sign * s.colValue(g, stride, e, op.slot)
+					s.sums[op.off] += sign * s.colValue(g, grp, e, op.slot)
 				}
 			}
 		}
@@ -428,7 +486,7 @@ type flushedBucket struct {
 // between two new ones once, then adds.
 func (p *Processor) colMerge(s *segment, g int, fl []flushedBucket) bool {
 	grp := &p.cols.groups[g]
-	stride := 1 + len(grp.idx)
+	stride := grp.stride
 	c := &s.cols[g]
 	// The deltas with numbers in the group, at or above its bound.
 	add := p.colAdds[:0]
@@ -476,10 +534,10 @@ func (p *Processor) colMerge(s *segment, g int, fl []flushedBucket) bool {
 			copy(c.data[(c.start+lo+j+1)*stride:], c.data[(c.start+lo)*stride:(c.start+hi)*stride])
 			w := (c.start + lo + j) * stride
 			clear(c.data[w : w+stride])
-			c.data[w] = int32(ins[j].b - c.base)
+			c.setInt32(w, int32(ins[j].b-c.base))
 			hi = lo
 		}
-		p.colBytes += 4 * int64(k*stride)
+		p.colBytes += wordBytes * int64(k*stride)
 		if p.colBytes > p.colBudget {
 			return false
 		}
@@ -552,7 +610,7 @@ func (p *Processor) stepColumns(from, to int64) bool {
 		t.cursors, t.next, t.minNext = t.cursors[:0], t.next[:0], math.MaxInt64
 		for _, s := range p.segmentList {
 			for _, g := range t.groups {
-				stride := 1 + len(p.cols.groups[g].idx)
+				stride := p.cols.groups[g].stride
 				c := &s.cols[g]
 				e := c.search(stride, t.pos+1)
 				t.cursors = append(t.cursors, e)
@@ -588,12 +646,13 @@ func (p *Processor) stepColumns(from, to int64) bool {
 						continue
 					}
 					c := &s.cols[g]
-					stride := 1 + len(p.cols.groups[g].idx)
+					grp := &p.cols.groups[g]
+					stride := grp.stride
 					e, n := t.cursors[k], c.len(stride)
 					first := e
 					for ; e < n && c.bucket(stride, e) <= target; e++ {
 						for _, op := range t.ops[gi] {
-							s.sums[op.off] += op.sign * s.colValue(g, stride, e, op.slot)
+							s.sums[op.off] += op.sign * s.colValue(g, grp, e, op.slot)
 						}
 					}
 					if e > first && !s.moved {

@@ -16,7 +16,7 @@ import (
 
 // TestColumnsMatchStore replays weeks of randomized traffic (late records,
 // conversions credited to old entry buckets, values too large for an
-// int32) with flushes that cross from one to thousands of bucket
+// int32, a bucket with more events than a count's word holds) with flushes that cross from one to thousands of bucket
 // boundaries, and a restart half-way. Every few flushes it checks that the
 // columns hold what the store holds from their lower bound up, and that the
 // sums of every range, which the flush moved from the columns, equal the
@@ -61,6 +61,9 @@ func TestColumnsMatchStore(t *testing.T) {
 			ctx := context.Background()
 			restarted := false
 			flushes := 0
+			// Whether the wide maps held numbers of one and two words.
+			var sawWide [2]bool
+			wideRestarted := false
 			for tm := start; tm < start+span; {
 				b.Records = b.Records[:0]
 				// Flushes a minute to a few days of event time apart.
@@ -90,12 +93,26 @@ func TestColumnsMatchStore(t *testing.T) {
 					}})
 					off++
 				}
+				if flushes == 3 && len(b.Records) > 0 {
+					// More events in one bucket than a count's one word
+					// holds, before the restart, so that loading the
+					// columns meets one too.
+					for i := range math.MaxInt16 + 100 {
+						b.Records = append(b.Records, Record{Offset: off, Event: Event{
+							Entity: fmt.Appendf(nil, "burst-%d", i), Time: tm, Dims: [][]byte{sources[0], nil},
+						}})
+						off++
+					}
+				}
 				wall = tm
 				p.ApplyBatch(b)
 				if err := p.Flush(ctx); err != nil {
 					t.Fatal(err)
 				}
 				flushes++
+				for width, n := range wideWidths(p) {
+					sawWide[width] = sawWide[width] || n > 0
+				}
 				at := fmt.Sprintf("flush %d, clock %s", flushes, time.UnixMilli(p.clockNow()).UTC())
 				if tc.clock == ClockEvent {
 					checkEvaluated(t, p, at)
@@ -115,6 +132,7 @@ func TestColumnsMatchStore(t *testing.T) {
 						p.colBudget = tc.budget
 					}
 					checkColumns(t, p, at+", restarted")
+					wideRestarted = wideWidths(p)[0] > 0
 				}
 			}
 			if tc.budget > 0 {
@@ -126,12 +144,9 @@ func TestColumnsMatchStore(t *testing.T) {
 			if !p.colsOn {
 				t.Fatal("columns off")
 			}
-			wide := 0
-			for _, s := range p.segmentList {
-				wide += len(s.wide)
-			}
-			if wide == 0 {
-				t.Error("no number was kept in a wide map: the test misses that path")
+			if !sawWide[0] || !sawWide[1] || !wideRestarted {
+				t.Errorf("wide maps: one-word numbers %v, two-word %v, one-word loaded by the restart %v; want all: the test misses a path",
+					sawWide[0], sawWide[1], wideRestarted)
 			}
 		})
 	}
@@ -230,7 +245,7 @@ func checkColumns(t *testing.T, p *Processor, at string) {
 	}
 	total := 0
 	for g, grp := range p.cols.groups {
-		stride := 1 + len(grp.idx)
+		stride := grp.stride
 		n := 0
 		for _, s := range p.segmentList {
 			c := &s.cols[g]
@@ -243,7 +258,7 @@ func checkColumns(t *testing.T, p *Processor, at string) {
 					t.Fatalf("%s: group %d of segment %x holds bucket %d below its bound %d", at, g, s.key, b, grp.from)
 				}
 				for slot := range grp.idx {
-					got := s.colValue(g, stride, e, slot)
+					got := s.colValue(g, &p.cols.groups[g], e, slot)
 					if got == 0 {
 						continue
 					}
@@ -302,5 +317,62 @@ func TestSortBucketWrites(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// wideWidths counts the numbers in the wide maps that do not fit one word
+// and two.
+func wideWidths(p *Processor) (n [2]int) {
+	for _, s := range p.segmentList {
+		for k := range s.wide {
+			if p.cols.groups[k.group].two[k.slot] {
+				n[1]++
+			} else {
+				n[0]++
+			}
+		}
+	}
+	return n
+}
+
+// TestColumnNumbers checks the words of a column entry at the limits of
+// what they hold: numbers that do not fit are marked for the wide map, and
+// bucket offsets keep their sign.
+func TestColumnNumbers(t *testing.T) {
+	for _, tc := range []struct {
+		two  bool
+		x    int64
+		fits bool
+	}{
+		{false, 0, true},
+		{false, -1, true},
+		{false, math.MaxInt16, true},
+		{false, math.MaxInt16 + 1, false},
+		{false, math.MinInt16 + 1, true},
+		{false, math.MinInt16, false},
+		{true, math.MaxInt16 + 1, true},
+		{true, -70_000, true},
+		{true, math.MaxInt32, true},
+		{true, math.MaxInt32 + 1, false},
+		{true, math.MinInt32 + 1, true},
+		{true, math.MinInt32, false},
+	} {
+		c := column{data: make([]int16, 4)}
+		c.data[3] = 7 // a neighbour, which must stay
+		fits := c.setNumber(1, tc.two, tc.x)
+		got, ok := c.number(1, tc.two)
+		if fits != tc.fits || ok != tc.fits || (ok && got != tc.x) {
+			t.Errorf("two words %v, %d: got fits %v, read %d, %v; want fits %v", tc.two, tc.x, fits, got, ok, tc.fits)
+		}
+		if c.data[0] != 0 || c.data[3] != 7 || (!tc.two && c.data[2] != 0) {
+			t.Errorf("two words %v, %d: neighbouring words changed: %v", tc.two, tc.x, c.data)
+		}
+	}
+	for _, off := range []int32{0, 1, -1, math.MaxInt16 + 1, -70_000, math.MaxInt32, math.MinInt32} {
+		c := column{base: 1000, data: make([]int16, 2)}
+		c.setInt32(0, off)
+		if got := c.bucket(2, 0); got != 1000+int64(off) {
+			t.Errorf("bucket at offset %d: got %d; want %d", off, got, 1000+int64(off))
+		}
 	}
 }
