@@ -72,7 +72,7 @@ func (p *Processor) colLoad(s *segment, b int64, v store.Vector) bool {
 			if i < len(v) {
 				d = v[i]
 			}
-			if entry.setNumber(k+grp.at[slot], grp.two[slot], d) {
+			if at := k + grp.at[slot]; grp.two[slot] && entry.setNumber32(at, d) || !grp.two[slot] && entry.setNumber16(at, d) {
 				continue
 			}
 			if s.wide == nil {

@@ -58,6 +58,8 @@ func (g *colGroup) holds(v store.Vector) bool {
 // colOp adds the value in slot of a column entry to sums[off].
 type colOp struct {
 	slot int
+	at   int  // the word of an entry where the slot's number starts
+	two  bool // whether it takes two words
 	off  int
 	sign int64
 }
@@ -141,7 +143,7 @@ func newColLayout(l *layout) *colLayout {
 		for g, grp := range c.groups {
 			for slot, i := range grp.idx {
 				if need[r][i] {
-					c.ops[r][g] = append(c.ops[r][g], colOp{slot: slot, off: r*l.vecLen + i, sign: 1})
+					c.ops[r][g] = append(c.ops[r][g], colOp{slot: slot, at: grp.at[slot], two: grp.two[slot], off: r*l.vecLen + i, sign: 1})
 				}
 			}
 		}
@@ -188,23 +190,25 @@ func (c *column) number(k int, two bool) (x int64, ok bool) {
 	return int64(c.data[k]), c.data[k] != math.MinInt16
 }
 
-// setNumber stores x at word k if it fits, and the wide mark if not; it
-// reports whether x fits.
-func (c *column) setNumber(k int, two bool, x int64) bool {
-	if two {
-		if x <= math.MinInt32 || x > math.MaxInt32 {
-			c.setInt32(k, math.MinInt32)
-			return false
-		}
-		c.setInt32(k, int32(x))
-		return true
-	}
-	if x <= math.MinInt16 || x > math.MaxInt16 {
-		c.data[k] = math.MinInt16
-		return false
+// setNumber16 stores x at word k if it fits one word, and the wide mark
+// if not; it reports whether x fits. setNumber32 does the same in words k
+// and k+1. Callers choose by the slot's width, so that both inline.
+func (c *column) setNumber16(k int, x int64) bool {
+	fits := uint64(x-math.MinInt16-1) <= math.MaxUint16-1 // in (MinInt16, MaxInt16]
+	if !fits {
+		x = math.MinInt16
 	}
 	c.data[k] = int16(x)
-	return true
+	return fits
+}
+
+func (c *column) setNumber32(k int, x int64) bool {
+	fits := x > math.MinInt32 && x <= math.MaxInt32
+	if !fits {
+		x = math.MinInt32
+	}
+	c.setInt32(k, int32(x))
+	return fits
 }
 
 // nextBucket is the bucket of entry e, or MaxInt64 past the last entry.
@@ -232,13 +236,10 @@ func (c *column) searchIn(stride, lo, hi int, b int64) int {
 	return lo
 }
 
-// colValue returns slot of entry e of group g's column.
-func (s *segment) colValue(g int, grp *colGroup, e, slot int) int64 {
-	c := &s.cols[g]
-	if x, ok := c.number((c.start+e)*grp.stride+grp.at[slot], grp.two[slot]); ok {
-		return x
-	}
-	return s.wide[wideKey{g, slot, c.bucket(grp.stride, e)}]
+// wideValue returns slot of entry e of group g's column, a number kept in
+// the wide map. Readers call column.number first, which inlines.
+func (s *segment) wideValue(g, stride, e, slot int) int64 {
+	return s.wide[wideKey{g, slot, s.cols[g].bucket(stride, e)}]
 }
 
 // colBudget bounds the bytes of the columns' entries. The columns hold at
@@ -297,7 +298,7 @@ func (p *Processor) colAddEntry(s *segment, g, e int, b int64, v store.Vector) {
 			continue
 		}
 		sum := x + d
-		if c.setNumber(k, two, sum) {
+		if two && c.setNumber32(k, sum) || !two && c.setNumber16(k, sum) {
 			continue
 		}
 		if s.wide == nil {
@@ -402,8 +403,7 @@ func (p *Processor) colScan(r int, iv position, sign int64) {
 		if len(ops) == 0 {
 			continue
 		}
-		grp := &p.cols.groups[g]
-		stride := grp.stride
+		stride := p.cols.groups[g].stride
 		for _, s := range p.segmentList {
 			c := &s.cols[g]
 			n := c.len(stride)
@@ -411,8 +411,13 @@ func (p *Processor) colScan(r int, iv position, sign int64) {
 				continue
 			}
 			for e := c.search(stride, iv.lo); e < n && c.bucket(stride, e) <= iv.hi; e++ {
+				at := (c.start + e) * stride
 				for _, op := range ops {
-					s.sums[op.off] += sign * s.colValue(g, grp, e, op.slot)
+					x, ok := c.number(at+op.at, op.two)
+					if !ok {
+						x = s.wideValue(g, stride, e, op.slot)
+					}
+					s.sums[op.off] += sign * x
 				}
 			}
 		}
@@ -646,13 +651,17 @@ func (p *Processor) stepColumns(from, to int64) bool {
 						continue
 					}
 					c := &s.cols[g]
-					grp := &p.cols.groups[g]
-					stride := grp.stride
+					stride := p.cols.groups[g].stride
 					e, n := t.cursors[k], c.len(stride)
 					first := e
 					for ; e < n && c.bucket(stride, e) <= target; e++ {
+						at := (c.start + e) * stride
 						for _, op := range t.ops[gi] {
-							s.sums[op.off] += op.sign * s.colValue(g, grp, e, op.slot)
+							x, ok := c.number(at+op.at, op.two)
+							if !ok {
+								x = s.wideValue(g, stride, e, op.slot)
+							}
+							s.sums[op.off] += op.sign * x
 						}
 					}
 					if e > first && !s.moved {
