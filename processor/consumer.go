@@ -257,18 +257,22 @@ const (
 // partitions) and applies them in batches.
 func (c *Consumer) readPartition(ctx context.Context, tp store.TopicPartition) error {
 	r := kafka.NewReader(kafka.ReaderConfig{
-		Brokers:        c.cfg.Kafka.Brokers,
-		Topic:          tp.Topic,
-		Partition:      tp.Partition,
-		Dialer:         c.dialer,
-		MinBytes:       1,
-		MaxBytes:       16 << 20,
-		MaxWait:        readerMaxWait,
-		QueueCapacity:  4096,
-		ReadBackoffMin: 100 * time.Millisecond,
-		ReadBackoffMax: 5 * time.Second,
-		Logger:         kafkaLogger(c.logger, slog.LevelDebug),
-		ErrorLogger:    kafkaLogger(c.logger, slog.LevelWarn),
+		Brokers:   c.cfg.Kafka.Brokers,
+		Topic:     tp.Topic,
+		Partition: tp.Partition,
+		Dialer:    c.dialer,
+		MinBytes:  1,
+		MaxBytes:  16 << 20,
+		MaxWait:   readerMaxWait,
+		// The lag comes from the high watermarks of the fetches
+		// (funnel_consumer_lag_records); kafka-go's own check would dial every
+		// partition's leader once a minute for nothing.
+		ReadLagInterval: -1,
+		QueueCapacity:   4096,
+		ReadBackoffMin:  100 * time.Millisecond,
+		ReadBackoffMax:  5 * time.Second,
+		Logger:          kafkaLogger(c.logger, slog.LevelDebug),
+		ErrorLogger:     kafkaLogger(c.logger, slog.LevelWarn),
 	})
 	defer r.Close()
 	start := kafka.FirstOffset

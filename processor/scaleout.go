@@ -436,17 +436,18 @@ func (s *ScaleOut) deltasEnd(ctx context.Context) (int64, error) {
 
 func (s *ScaleOut) newDeltasReader() *kafka.Reader {
 	return kafka.NewReader(kafka.ReaderConfig{
-		Brokers:        s.cfg.Kafka.Brokers,
-		Topic:          s.topic,
-		Partition:      0,
-		Dialer:         s.dialer,
-		MinBytes:       1,
-		MaxBytes:       deltasMaxBytes + 1<<20,
-		MaxWait:        readerMaxWait,
-		ReadBackoffMin: 50 * time.Millisecond,
-		ReadBackoffMax: 2 * time.Second,
-		Logger:         kafkaLogger(s.logger, slog.LevelDebug),
-		ErrorLogger:    kafkaLogger(s.logger, slog.LevelWarn),
+		Brokers:         s.cfg.Kafka.Brokers,
+		Topic:           s.topic,
+		Partition:       0,
+		Dialer:          s.dialer,
+		MinBytes:        1,
+		MaxBytes:        deltasMaxBytes + 1<<20,
+		MaxWait:         readerMaxWait,
+		ReadLagInterval: -1, // see readPartition
+		ReadBackoffMin:  50 * time.Millisecond,
+		ReadBackoffMax:  2 * time.Second,
+		Logger:          kafkaLogger(s.logger, slog.LevelDebug),
+		ErrorLogger:     kafkaLogger(s.logger, slog.LevelWarn),
 	})
 }
 

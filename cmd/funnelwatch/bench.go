@@ -273,7 +273,7 @@ func rawConsume(ctx context.Context, brokers []string, partitions, n int) (float
 	for p := 0; p < partitions; p++ {
 		g.Go(func() error {
 			r := kafka.NewReader(kafka.ReaderConfig{Brokers: brokers, Topic: demoTopic, Partition: p, MinBytes: 1, MaxBytes: 16 << 20,
-				MaxWait: 1500 * time.Millisecond, QueueCapacity: 4096}) // processor.readerMaxWait
+				MaxWait: 1500 * time.Millisecond, ReadLagInterval: -1, QueueCapacity: 4096}) // as processor's readers
 			defer r.Close()
 			for {
 				m, err := r.FetchMessage(gctx)
