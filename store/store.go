@@ -80,16 +80,19 @@ func Open(dir string, o Options) (*Store, error) {
 		Merger:       vectorMerger,
 		Logger:       pebbleLogger{o.Logger},
 		ReadOnly:     o.ReadOnly,
-		MemTableSize: 32 << 20,
+		// Two memtables (the one written and the one being flushed) are
+		// a fifth of the heap at the end of the default bench.
+		MemTableSize: 16 << 20,
 		// Every flush writes entity states keyed all over the key space,
 		// so every L0 compaction rewrites most of the base level. Waiting
-		// for eight L0 sublevels instead of Pebble's four halves how often
-		// that happens (-9% CPU in the default bench's replay, -15-20% in
-		// a shorter one: docs/performance.md); a read checks up to four
-		// more L0 tables, each behind a bloom filter. Writes stall at 32
-		// sublevels, above the threshold as Pebble requires.
-		L0CompactionThreshold: 8,
-		L0StopWritesThreshold: 32,
+		// for more L0 sublevels than Pebble's four makes that rarer: eight
+		// took 9% off the default bench's replay CPU with 32 MiB
+		// memtables, and sixteen with 16 MiB ones keep that CPU for 30-45
+		// MiB less peak RSS (docs/performance.md); a read checks up to
+		// sixteen L0 tables, each behind a bloom filter. Writes stall at
+		// 64 sublevels, above the threshold as Pebble requires.
+		L0CompactionThreshold: 16,
+		L0StopWritesThreshold: 64,
 	}
 	if o.FS == nil {
 		opts.FS = vfs.Default

@@ -37,8 +37,8 @@ flush_interval: 200ms
 // deployment sets it from the container's memory limit; rssBound is the
 // peak resident memory allowed to them. docs/reliability.md ("Memory and
 // cardinality") derives both from the configuration above and the store's
-// fixed sizes: about 180 MiB live at 5 million entities (32 MiB block
-// cache, two 32 MiB memtables, 100,000 cached entities, a 16 MiB entity
+// fixed sizes: about 150 MiB live at 5 million entities (32 MiB block
+// cache, two 16 MiB memtables, 100,000 cached entities, a 16 MiB entity
 // filter plus the old one while it is rebuilt, three partition readers'
 // queues), under a limit of 256 MiB, plus 64 MiB for what the limit does
 // not cover: the mapped binary, and overshoot (the limit is soft).
@@ -406,7 +406,7 @@ time: {clock: event, entity_ttl: 1d}
 		// compactions, so compare the largest of weeks 6 to 10 with the
 		// largest of weeks 2 to 5. Without deletion they would grow by a
 		// week's worth every week. The rest of the store is its write-ahead
-		// log, which grows until the 32 MiB memtable is flushed and is then
+		// log, which grows until the 16 MiB memtable is flushed and is then
 		// recycled: bounded by the memtable size, not by time.
 		maxSST := func(from, to int) int64 {
 			return slices.MaxFunc(samples[from-1:to], func(a, b sample) int { return cmp.Compare(a.sst, b.sst) }).sst
@@ -419,7 +419,7 @@ time: {clock: event, entity_ttl: 1d}
 		if late > 2*early+4<<20 {
 			t.Errorf("sstables reached %d bytes in weeks 6 to 10; want at most 2 × %d (the largest in weeks 2 to 5) + 4 MiB", late, early)
 		}
-		const walBound = 2*32<<20 + 4<<20 // two memtables' logs, the manifest and options
+		const walBound = 2*16<<20 + 4<<20 // two memtables' logs, the manifest and options
 		for w, s := range samples {
 			if s.disk-s.sst > walBound {
 				t.Errorf("week %d: funnel_store_disk_bytes %d is %d bytes more than the sstables; want at most %d", w+1, s.disk, s.disk-s.sst, walBound)
