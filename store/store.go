@@ -75,11 +75,11 @@ func Open(dir string, o Options) (*Store, error) {
 	cache := pebble.NewCache(o.CacheBytes)
 	defer cache.Unref()
 	opts := &pebble.Options{
-		FS:           o.FS,
-		Cache:        cache,
-		Merger:       vectorMerger,
-		Logger:       pebbleLogger{o.Logger},
-		ReadOnly:     o.ReadOnly,
+		FS:       o.FS,
+		Cache:    cache,
+		Merger:   vectorMerger,
+		Logger:   pebbleLogger{o.Logger},
+		ReadOnly: o.ReadOnly,
 		// Two memtables (the one written and the one being flushed) are
 		// a fifth of the heap at the end of the default bench.
 		MemTableSize: 16 << 20,
