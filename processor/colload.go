@@ -72,7 +72,8 @@ func (p *Processor) colLoad(s *segment, b int64, v store.Vector) bool {
 			if i < len(v) {
 				d = v[i]
 			}
-			if at := k + grp.at[slot]; grp.two[slot] && entry.setNumber32(at, d) || !grp.two[slot] && entry.setNumber16(at, d) {
+			at, two := k+grp.at[slot], grp.two[slot]
+			if two && entry.setNumber32(at, d) || !two && entry.setNumber16(at, d) {
 				continue
 			}
 			if s.wide == nil {
