@@ -2,6 +2,7 @@ package processor
 
 import (
 	"cmp"
+	"encoding/binary"
 	"math"
 	"slices"
 
@@ -18,18 +19,21 @@ import (
 // that reads them are dropped, so that moving a range reads memory.
 //
 // The vector indices are grouped by the ranges that read them (with the
-// default configuration: events, entities and values of the flow windows
-// over a week; entered and converted of each step over its horizon and
-// baseline weeks; entities of the first stage over the volume baselines),
-// and a group's column holds the buckets from the lowest bound of its
-// ranges up, sparse: a bucket whose numbers in the group are all zero takes
-// nothing. A column is a slice of 16-bit words. An entry is the bucket as
-// an int32 offset from the column's base (two words), then the group's
-// numbers: a count in one word (a minute's count in a segment is rarely
-// above 32,767), a sum of values, in thousandths, in two. A number that
-// does not fit is kept exact in the segment's wide map. With int32 words
-// the entries took 98 MiB at the end of the default bench, with these
-// 68 MiB (docs/performance.md).
+// default configuration: the flow windows over a week; each step's horizon
+// and baseline weeks; the volume baselines) and by their class
+// (layout.colClass: a stage's events and entities, a stage's sum of
+// values, a step's entered, a step's converted), and a group's column
+// holds the buckets from the lowest bound of its ranges up, sparse: a
+// bucket whose numbers in the group are all zero takes nothing. Most
+// buckets of a segment have visits but no deal, so a group per class
+// leaves out what one per set of ranges held as zeros. A column is a
+// slice of 16-bit words. An entry is the bucket as an int32 offset from
+// the column's base (two words), then the group's numbers: a count in one
+// word (a minute's count in a segment is rarely above 32,767), a sum of
+// values, in thousandths, in two. A number that does not fit is kept
+// exact in the segment's wide map. At the end of the default bench the
+// entries took 98 MiB with int32 words, 68 MiB with 16-bit ones and 51 MiB
+// with the classes (docs/performance.md).
 
 // colGroup is a set of vector indices read by the same ranges.
 type colGroup struct {
@@ -113,6 +117,7 @@ func newColLayout(l *layout) *colLayout {
 		if len(rs) == 0 {
 			continue
 		}
+		key = binary.AppendUvarint(key, uint64(l.colClass(i)))
 		g, ok := byRanges[string(key)]
 		if !ok {
 			g = len(c.groups)
@@ -330,11 +335,26 @@ func (c *column) insert(stride, e int, b int64) bool {
 		c.base, off = first, b-first
 	}
 	at, n := (c.start+e)*stride, len(c.data)
-	c.data = slices.Grow(c.data, stride)[:n+stride]
+	c.extend(stride)
 	copy(c.data[at+stride:], c.data[at:n])
 	clear(c.data[at : at+stride])
 	c.setInt32(at, int32(off))
 	return true
+}
+
+// extend adds words to the end of the column. It grows the slice by an
+// eighth, not by append's quarter: the columns are the largest part of
+// the heap, and copying a column when it grows costs little beside the
+// flushes that fill it.
+func (c *column) extend(words int) {
+	n := len(c.data)
+	if n+words <= cap(c.data) {
+		c.data = c.data[:n+words]
+		return
+	}
+	d := make([]int16, n+words, n+words+max(n/8, 256))
+	copy(d, c.data)
+	c.data = d
 }
 
 // colDrop drops the entries below every range that reads their group, at
@@ -531,8 +551,7 @@ func (p *Processor) colMerge(s *segment, g int, fl []flushedBucket) bool {
 	if k := len(ins); k > 0 {
 		// Move each run of entries between two new ones once, from the
 		// back, by the number of new entries before it.
-		old := len(c.data)
-		c.data = slices.Grow(c.data, k*stride)[:old+k*stride]
+		c.extend(k * stride)
 		hi := n
 		for j := k - 1; j >= 0; j-- {
 			lo := ins[j].e

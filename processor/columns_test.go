@@ -384,3 +384,62 @@ func TestColumnNumbers(t *testing.T) {
 		}
 	}
 }
+
+// TestColLayout checks the column groups of the default configuration:
+// every number a range reads is in one group, and a group holds one class
+// (layout.colClass) read by one set of ranges, so that a bucket with
+// visits and no deal adds no zeros for the deal.
+func TestColLayout(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Kafka.Topics = []TopicConfig{{Name: "events"}}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	l := newLayout(&cfg)
+	c := newColLayout(l)
+	type groupKey struct {
+		ranges string
+		class  int
+	}
+	seen := map[groupKey]int{}
+	in := map[int]int{} // vector index -> group
+	for g, grp := range c.groups {
+		class := l.colClass(grp.idx[0])
+		for _, i := range grp.idx {
+			if got := l.colClass(i); got != class {
+				t.Errorf("group %d: index %d has class %d; want %d like index %d", g, i, got, class, grp.idx[0])
+			}
+			if prev, ok := in[i]; ok {
+				t.Errorf("index %d in groups %d and %d", i, prev, g)
+			}
+			in[i] = g
+		}
+		k := groupKey{fmt.Sprint(grp.ranges), class}
+		if prev, ok := seen[k]; ok {
+			t.Errorf("groups %d and %d both hold class %d of ranges %v", prev, g, class, grp.ranges)
+		}
+		seen[k] = g
+	}
+	for r, need := range c.need {
+		for _, i := range need {
+			g, ok := in[i]
+			if !ok {
+				t.Errorf("range %d reads index %d, which no group holds", r, i)
+				continue
+			}
+			if !slices.Contains(c.groups[g].ranges, r) {
+				t.Errorf("range %d reads index %d of group %d, whose ranges are %v", r, i, g, c.groups[g].ranges)
+			}
+		}
+	}
+	for st := range l.stages {
+		if in[l.events(st)] == in[l.value(st)] {
+			t.Errorf("stage %d: events and values in one group", st)
+		}
+	}
+	for step := range len(cfg.Funnel.Steps) {
+		if in[l.entered(step)] == in[l.converted(step)] {
+			t.Errorf("step %d: entered and converted in one group", step)
+		}
+	}
+}

@@ -184,7 +184,7 @@ func (t *entityTable) insert(key []byte, h uint64) uint32 {
 		}
 		t.nrecs++
 	}
-	if t.garbage > 1<<20 && t.garbage > len(t.keys)/2 {
+	if t.garbage > 1<<20 && t.garbage > len(t.keys)/4 {
 		t.compactKeys()
 	}
 	r := t.rec(idx)

@@ -81,6 +81,18 @@ func (l *layout) value(stage int) int    { return 2*l.stages + stage }
 func (l *layout) entered(step int) int   { return 3*l.stages + 2*step }
 func (l *layout) converted(step int) int { return 3*l.stages + 2*step + 1 }
 
+// colClass is the class of vector index i in the columns: indices of one
+// class whose ranges are the same share a column group. The events and
+// entities of a stage are counted together, but the stages' counts, the
+// sums of values and the entered and converted of a step each have a
+// class of their own, since most buckets hold only some of them.
+func (l *layout) colClass(i int) int {
+	if i < 2*l.stages {
+		return i % l.stages
+	}
+	return i
+}
+
 func newLayout(cfg *Config) *layout {
 	stages := cfg.Funnel.Stages
 	l := &layout{
