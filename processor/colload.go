@@ -1,8 +1,6 @@
 package processor
 
 import (
-	"math"
-
 	"github.com/funnelwatch/funnelwatch/store"
 )
 
@@ -39,16 +37,18 @@ func (p *Processor) colLoad(s *segment, b int64, v store.Vector) bool {
 		if !grp.holds(v) {
 			continue
 		}
-		stride := grp.stride
 		c := &s.cols[g]
+		if len(s.fill[g]) == 0 {
+			c.base, c.wideOff = b, grp.wideOff
+		}
+		if !c.fits(b) {
+			if grp.wideOff {
+				return false // a span of more than 2^31 buckets
+			}
+			p.colWiden(g)
+		}
+		stride := grp.stride
 		chunks := s.fill[g]
-		if len(chunks) == 0 {
-			c.base = b
-		}
-		off := b - c.base
-		if off > math.MaxInt32 {
-			return false // a span of more than 2^31 buckets
-		}
 		p.colBytes += wordBytes * int64(stride)
 		if p.colBytes > p.colBudget {
 			return false
@@ -66,7 +66,11 @@ func (p *Processor) colLoad(s *segment, b int64, v store.Vector) bool {
 		k := len(chunks[n-1])
 		ch := chunks[n-1][:k+stride]
 		entry := column{data: ch}
-		entry.setInt32(k, int32(off))
+		if off := b - c.base; c.wideOff {
+			entry.setInt32(k+stride-2, int32(off))
+		} else {
+			ch[k+stride-1] = int16(uint16(off))
+		}
 		for slot, i := range grp.idx {
 			var d int64
 			if i < len(v) {

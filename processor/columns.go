@@ -27,13 +27,15 @@ import (
 // bucket whose numbers in the group are all zero takes nothing. Most
 // buckets of a segment have visits but no deal, so a group per class
 // leaves out what one per set of ranges held as zeros. A column is a
-// slice of 16-bit words. An entry is the bucket as an int32 offset from
-// the column's base (two words), then the group's numbers: a count in one
+// slice of 16-bit words. An entry is the group's numbers, a count in one
 // word (a minute's count in a segment is rarely above 32,767), a sum of
-// values, in thousandths, in two. A number that does not fit is kept
-// exact in the segment's wide map. At the end of the default bench the
-// entries took 98 MiB with int32 words, 68 MiB with 16-bit ones and 51 MiB
-// with the classes (docs/performance.md).
+// values, in thousandths, in two, then the bucket as an offset from the
+// column's base: one word while the group's columns span less than 65,536
+// buckets, two once one spans more (colWiden). A number that does not fit
+// is kept exact in the segment's wide map. At the end of the default bench
+// the entries took 98 MiB with int32 words, 68 MiB with 16-bit ones,
+// 51 MiB with the classes and 34 MiB with one-word offsets
+// (docs/performance.md).
 
 // colGroup is a set of vector indices read by the same ranges.
 type colGroup struct {
@@ -44,6 +46,9 @@ type colGroup struct {
 	stride int
 	at     []int
 	two    []bool
+	// wideOff is whether the bucket offsets, after the numbers, take two
+	// words rather than one (colWiden).
+	wideOff bool
 	// from is the lowest bucket from which the columns of the group hold
 	// every stored bucket; a range move below it reads the store.
 	from int64
@@ -132,7 +137,6 @@ func newColLayout(l *layout) *colLayout {
 	}
 	for g := range c.groups {
 		grp := &c.groups[g]
-		grp.stride = 2 // the bucket offset
 		for _, i := range grp.idx {
 			grp.at = append(grp.at, grp.stride)
 			grp.two = append(grp.two, isValue[i])
@@ -141,6 +145,7 @@ func newColLayout(l *layout) *colLayout {
 				grp.stride++
 			}
 		}
+		grp.stride++ // the bucket offset
 	}
 	c.ops = make([][][]colOp, len(l.ranges))
 	for r := range l.ranges {
@@ -166,17 +171,42 @@ type wideKey struct {
 const wordBytes = 2
 
 // column is one group's entries of one segment, in bucket order: per
-// entry, the bucket's offset from base, then the group's numbers.
+// entry, the group's numbers, then the bucket's offset from base, in the
+// last word (a uint16) or, once its group is widened, the last two (an
+// int32). Most columns span less than 65,536 buckets (45 days of minutes),
+// and the offset is a third of an entry of one number.
 type column struct {
-	base  int64
-	start int // entries before start are dropped
-	data  []int16
+	base    int64
+	start   int // entries before start are dropped
+	data    []int16
+	wideOff bool // the group's wideOff, set with the column's first entry
 }
 
 func (c *column) len(stride int) int { return len(c.data)/stride - c.start }
 
 func (c *column) bucket(stride, e int) int64 {
-	return c.base + int64(c.int32At((c.start+e)*stride))
+	k := (c.start + e + 1) * stride
+	if c.wideOff {
+		return c.base + int64(c.int32At(k-2))
+	}
+	return c.base + int64(uint16(c.data[k-1]))
+}
+
+// fits reports whether bucket b's offset from base fits the column's.
+func (c *column) fits(b int64) bool {
+	if c.wideOff {
+		return b-c.base >= math.MinInt32 && b-c.base <= math.MaxInt32
+	}
+	return b >= c.base && b-c.base <= math.MaxUint16
+}
+
+// setBucket sets the bucket of the entry whose words end before word k.
+func (c *column) setBucket(k int, b int64) {
+	if c.wideOff {
+		c.setInt32(k-2, int32(b-c.base))
+	} else {
+		c.data[k-1] = int16(uint16(b - c.base))
+	}
 }
 
 // int32At is the int32 in words k and k+1.
@@ -255,9 +285,10 @@ func (s *segment) wideValue(g, stride, e, slot int) int64 {
 const colBudget = 256 << 20
 
 // colAddGroup adds the committed delta v of bucket b to the segment's
-// column of group g. It reports false when a bucket offset does not fit an
-// int32 (a span of more than 2^31 buckets) or the columns outgrow
-// colBudget, and the columns cannot be used.
+// column of group g, widening the group's offsets when b's does not fit
+// one word. It reports false when a bucket offset does not fit an int32 (a
+// span of more than 2^31 buckets) or the columns outgrow colBudget, and
+// the columns cannot be used.
 func (p *Processor) colAddGroup(s *segment, g int, b int64, v store.Vector) bool {
 	grp := &p.cols.groups[g]
 	if b < grp.from {
@@ -274,8 +305,15 @@ func (p *Processor) colAddGroup(s *segment, g int, b int64, v store.Vector) bool
 		e = c.search(stride, b)
 	}
 	if e == n || c.bucket(stride, e) != b {
+		if n == 0 {
+			c.wideOff = grp.wideOff
+		}
 		if !c.insert(stride, e, b) {
-			return false
+			if grp.wideOff {
+				return false
+			}
+			p.colWiden(g)
+			return p.colAddGroup(s, g, b, v)
 		}
 		p.colBytes += wordBytes * int64(stride)
 		if p.colBytes > p.colBudget {
@@ -313,32 +351,32 @@ func (p *Processor) colAddEntry(s *segment, g, e int, b int64, v store.Vector) {
 	}
 }
 
-// insert makes an entry of zeros for bucket b at entry e.
+// insert makes an entry of zeros for bucket b at entry e. It reports
+// false, changing nothing, when the span of the column's buckets with b
+// does not fit its offsets.
 func (c *column) insert(stride, e int, b int64) bool {
-	if c.len(stride) == 0 {
+	n := c.len(stride)
+	if n == 0 {
 		c.data, c.start, c.base = c.data[:0], 0, b
 	}
-	off := b - c.base
-	if off < math.MinInt32 || off > math.MaxInt32 {
-		// Rebase on the first entry; a span that still does not fit
-		// cannot be held.
-		first := c.bucket(stride, 0)
-		if b < first {
-			first = b
-		}
-		if b-first > math.MaxInt32 || c.bucket(stride, c.len(stride)-1)-first > math.MaxInt32 {
+	if !c.fits(b) {
+		// Rebase on the first bucket.
+		first, last := min(b, c.bucket(stride, 0)), max(b, c.bucket(stride, n-1))
+		old := *c
+		c.base = first
+		if !c.fits(last) {
+			*c = old
 			return false
 		}
-		for k := c.start * stride; k < len(c.data); k += stride {
-			c.setInt32(k, int32(c.base+int64(c.int32At(k))-first))
+		for e := range n {
+			c.setBucket((c.start+e+1)*stride, old.bucket(stride, e))
 		}
-		c.base, off = first, b-first
 	}
-	at, n := (c.start+e)*stride, len(c.data)
+	at, end := (c.start+e)*stride, len(c.data)
 	c.extend(stride)
-	copy(c.data[at+stride:], c.data[at:n])
+	copy(c.data[at+stride:], c.data[at:end])
 	clear(c.data[at : at+stride])
-	c.setInt32(at, int32(off))
+	c.setBucket(at+stride, b)
 	return true
 }
 
@@ -355,6 +393,41 @@ func (c *column) extend(words int) {
 	d := make([]int16, n+words, n+words+max(n/8, 256))
 	copy(d, c.data)
 	c.data = d
+}
+
+// colWiden makes the bucket offsets of group g two words: a column of it
+// spans 65,536 buckets or more (with one-minute buckets, more than 45
+// days: the volume baselines of a store older than that). Every column of
+// the group, and the chunks the start-up scan is filling, is rewritten
+// with the wider entries.
+func (p *Processor) colWiden(g int) {
+	grp := &p.cols.groups[g]
+	old := grp.stride
+	grp.stride++
+	grp.wideOff = true
+	widen := func(data []int16, capEntries int) []int16 {
+		n := len(data) / old
+		src := column{data: data}
+		dst := column{data: make([]int16, n*(old+1), capEntries*(old+1)), wideOff: true}
+		for e := range n {
+			copy(dst.data[e*(old+1):], data[e*old:(e+1)*old-1])
+			dst.setBucket((e+1)*(old+1), src.bucket(old, e))
+		}
+		return dst.data
+	}
+	for _, s := range p.segmentList {
+		c := &s.cols[g]
+		live := c.data[c.start*old:]
+		n := len(live) / old
+		p.colBytes += wordBytes * int64(n)
+		c.data, c.start, c.wideOff = widen(live, n), 0, true
+		if s.fill != nil {
+			for i, ch := range s.fill[g] {
+				p.colBytes += wordBytes * int64(len(ch)/old)
+				s.fill[g][i] = widen(ch, cap(ch)/old)
+			}
+		}
+	}
 }
 
 // colDrop drops the entries below every range that reads their group, at
@@ -525,7 +598,7 @@ func (p *Processor) colMerge(s *segment, g int, fl []flushedBucket) bool {
 		return true
 	}
 	n := c.len(stride)
-	if n == 0 || add[0].b-c.base < math.MinInt32 || add[len(add)-1].b-c.base > math.MaxInt32 {
+	if n == 0 || !c.fits(add[0].b) || !c.fits(add[len(add)-1].b) {
 		// An empty column, or one to rebase: one entry at a time.
 		for _, f := range add {
 			if !p.colAddGroup(s, g, f.b, f.v) {
@@ -558,7 +631,7 @@ func (p *Processor) colMerge(s *segment, g int, fl []flushedBucket) bool {
 			copy(c.data[(c.start+lo+j+1)*stride:], c.data[(c.start+lo)*stride:(c.start+hi)*stride])
 			w := (c.start + lo + j) * stride
 			clear(c.data[w : w+stride])
-			c.setInt32(w, int32(ins[j].b-c.base))
+			c.setBucket(w+stride, ins[j].b)
 			hi = lo
 		}
 		p.colBytes += wordBytes * int64(k*stride)

@@ -64,6 +64,7 @@ func TestColumnsMatchStore(t *testing.T) {
 			// Whether the wide maps held numbers of one and two words.
 			var sawWide [2]bool
 			wideRestarted := false
+			widenedRestarted := false
 			for tm := start; tm < start+span; {
 				b.Records = b.Records[:0]
 				// Flushes a minute to a few days of event time apart.
@@ -133,6 +134,7 @@ func TestColumnsMatchStore(t *testing.T) {
 					}
 					checkColumns(t, p, at+", restarted")
 					wideRestarted = wideWidths(p)[0] > 0
+					widenedRestarted = slices.ContainsFunc(p.cols.groups, func(g colGroup) bool { return g.wideOff })
 				}
 			}
 			if tc.budget > 0 {
@@ -143,6 +145,20 @@ func TestColumnsMatchStore(t *testing.T) {
 			}
 			if !p.colsOn {
 				t.Fatal("columns off")
+			}
+			// The volume baselines span more than 65,536 buckets of the
+			// history, the flow windows less.
+			var offWidths [2]int
+			for _, grp := range p.cols.groups {
+				if grp.wideOff {
+					offWidths[1]++
+				} else {
+					offWidths[0]++
+				}
+			}
+			if offWidths[0] == 0 || offWidths[1] == 0 || !widenedRestarted {
+				t.Errorf("groups with one-word offsets %d, two-word %d, widened by the restart %v; want both and a restart that widens: the test misses a path",
+					offWidths[0], offWidths[1], widenedRestarted)
 			}
 			if !sawWide[0] || !sawWide[1] || !wideRestarted {
 				t.Errorf("wide maps: one-word numbers %v, two-word %v, one-word loaded by the restart %v; want all: the test misses a path",
@@ -376,11 +392,42 @@ func TestColumnNumbers(t *testing.T) {
 			t.Errorf("two words %v, %d: neighbouring words changed: %v", tc.two, tc.x, c.data)
 		}
 	}
-	for _, off := range []int32{0, 1, -1, math.MaxInt16 + 1, -70_000, math.MaxInt32, math.MinInt32} {
-		c := column{base: 1000, data: make([]int16, 2)}
-		c.setInt32(0, off)
-		if got := c.bucket(2, 0); got != 1000+int64(off) {
-			t.Errorf("bucket at offset %d: got %d; want %d", off, got, 1000+int64(off))
+	// Bucket offsets, after a one-word number, in one word or two.
+	for _, tc := range []struct {
+		wide bool
+		off  int64
+		fits bool
+	}{
+		{false, 0, true},
+		{false, 1, true},
+		{false, math.MaxInt16 + 1, true},
+		{false, math.MaxUint16, true},
+		{false, math.MaxUint16 + 1, false},
+		{false, -1, false},
+		{true, 0, true},
+		{true, -1, true},
+		{true, math.MaxUint16 + 1, true},
+		{true, -70_000, true},
+		{true, math.MaxInt32, true},
+		{true, math.MinInt32, true},
+		{true, math.MaxInt32 + 1, false},
+		{true, math.MinInt32 - 1, false},
+	} {
+		stride := 2
+		if tc.wide {
+			stride = 3
+		}
+		c := column{base: 1000, data: make([]int16, stride), wideOff: tc.wide}
+		c.data[0] = 7
+		if got := c.fits(1000 + tc.off); got != tc.fits {
+			t.Errorf("wide %v, offset %d: fits %v; want %v", tc.wide, tc.off, got, tc.fits)
+		}
+		if !tc.fits {
+			continue
+		}
+		c.setBucket(stride, 1000+tc.off)
+		if got := c.bucket(stride, 0); got != 1000+tc.off || c.data[0] != 7 {
+			t.Errorf("wide %v, offset %d: bucket %d, number %d; want %d, 7", tc.wide, tc.off, got, c.data[0], 1000+tc.off)
 		}
 	}
 }
