@@ -1333,9 +1333,10 @@ func (p *Processor) restore(f *inflight) {
 // twice it makes ApplyBatch wait for a flush. In the scale-out mode it also
 // bounds the size of a marker (docs/scaling.md), which must stay below the
 // deltas topic's max.message.bytes. 8 MiB took the default bench's peak
-// RSS 20-30 MiB below 16 MiB's for the same CPU; 4 MiB saved nothing more
-// (docs/performance.md).
-const pendingBudget = 8 << 20
+// RSS 20-30 MiB below 16 MiB's, and, once the evaluation columns had
+// shrunk, 4 and 2 MiB about 8 MiB lower each, all for the same CPU; 1 MiB
+// cost 2-3% more CPU (docs/performance.md).
+const pendingBudget = 2 << 20
 
 // bucketOverhead is what a pending bucket holds besides its vector: its
 // slot in the segment's bucketTable (32 bytes, at most three quarters
