@@ -397,7 +397,8 @@ func (c *column) extend(words int) {
 
 // colWiden makes the bucket offsets of group g two words: a column of it
 // spans 65,536 buckets or more (with one-minute buckets, more than 45
-// days: the volume baselines of a store older than that). Every column of
+// days: with the defaults, the lead→deal cohorts and baselines of a store
+// older than that). Every column of
 // the group, and the chunks the start-up scan is filling, is rewritten
 // with the wider entries.
 func (p *Processor) colWiden(g int) {

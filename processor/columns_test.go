@@ -146,8 +146,8 @@ func TestColumnsMatchStore(t *testing.T) {
 			if !p.colsOn {
 				t.Fatal("columns off")
 			}
-			// The volume baselines span more than 65,536 buckets of the
-			// history, the flow windows less.
+			// The lead→deal cohorts and baselines span more than 65,536
+			// buckets of the seven weeks, the flow windows less.
 			var offWidths [2]int
 			for _, grp := range p.cols.groups {
 				if grp.wideOff {
