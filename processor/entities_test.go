@@ -79,8 +79,58 @@ func TestEntitySeen(t *testing.T) {
 	if got := tab.seen(r); len(got) != 0 {
 		t.Errorf("seen after clearSeen = %v", got)
 	}
-	if len(tab.freeBlocks) != 1 {
-		t.Errorf("%d free blocks; want the one block back", len(tab.freeBlocks))
+	if len(tab.freeBlocks) != 1 || len(tab.freeSmall) != 1 {
+		t.Errorf("%d free blocks, %d free small blocks; want one of each back", len(tab.freeBlocks), len(tab.freeSmall))
+	}
+
+	// Many entities growing, replaced (setSeen, as when a state is read
+	// back) and cleared in turn share the blocks without overwriting
+	// each other's ids, and every block comes back.
+	tab = newEntityTable(3)
+	rng := rand.New(rand.NewPCG(3, 4))
+	recs := make([]*entityRec, 50)
+	wants := make([][]uint64, len(recs))
+	for i := range recs {
+		recs[i] = tab.rec(tab.insert(fmt.Appendf(nil, "e%d", i), uint64(i)))
+	}
+	id := uint64(0)
+	for step := range 20_000 {
+		i := rng.IntN(len(recs))
+		r := recs[i]
+		switch rng.IntN(20) {
+		case 0:
+			tab.clearSeen(r)
+			wants[i] = nil
+		case 1:
+			ids := make([]uint64, rng.IntN(maxSeenIDs+1))
+			for k := range ids {
+				id++
+				ids[k] = id
+			}
+			tab.setSeen(r, ids)
+			wants[i] = ids
+		default:
+			id++
+			tab.addSeen(r, id)
+			wants[i] = append(wants[i], id)
+			if len(wants[i]) > maxSeenIDs {
+				wants[i] = wants[i][1:]
+			}
+		}
+		for j, r := range recs {
+			if got := tab.seen(r); !slices.Equal(got, wants[j]) {
+				t.Fatalf("step %d: entity %d: seen = %v; want %v", step, j, got, wants[j])
+			}
+		}
+	}
+	for _, r := range recs {
+		tab.clearSeen(r)
+	}
+	if got, want := len(tab.freeSmall), len(tab.small)/smallSeen; got != want {
+		t.Errorf("%d small blocks free of %d", got, want)
+	}
+	if got, want := len(tab.freeBlocks), len(tab.blocks)/maxSeenIDs; got != want {
+		t.Errorf("%d blocks free of %d", got, want)
 	}
 }
 
