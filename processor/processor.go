@@ -1333,9 +1333,10 @@ func (p *Processor) restore(f *inflight) {
 // twice it makes ApplyBatch wait for a flush. In the scale-out mode it also
 // bounds the size of a marker (docs/scaling.md), which must stay below the
 // deltas topic's max.message.bytes. 8 MiB took the default bench's peak
-// RSS 20-30 MiB below 16 MiB's, and, once the evaluation columns had
-// shrunk, 4 and 2 MiB about 8 MiB lower each, all for the same CPU; 1 MiB
-// cost 2-3% more CPU (docs/performance.md).
+// RSS 20-30 MiB below 16 MiB's for the same CPU; once the evaluation
+// columns had shrunk, 2 MiB took it another ~14 MiB lower for 1-2% more
+// CPU and 5-6% less of a catch-up's rate (more flushes, each holding the
+// lock); 1 MiB cost 2-3% more CPU (docs/performance.md).
 const pendingBudget = 2 << 20
 
 // bucketOverhead is what a pending bucket holds besides its vector: its
