@@ -66,6 +66,8 @@ func (p *Processor) colLoad(s *segment, b int64, v store.Vector) bool {
 		k := len(chunks[n-1])
 		ch := chunks[n-1][:k+stride]
 		entry := column{data: ch}
+		// setBucket's work, on c's base: an entry carrying the base and
+		// width made the restart 20% slower.
 		if off := b - c.base; c.wideOff {
 			entry.setInt32(k+stride-2, int32(off))
 		} else {

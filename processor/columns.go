@@ -108,10 +108,10 @@ func newColLayout(l *layout) *colLayout {
 		need[r][l.entities(l.firstStage)] = true
 	}
 	c := &colLayout{need: make([][]int, len(l.ranges))}
-	byRanges := map[string]int{}
+	byKey := map[string]int{} // class, then ranges
 	for i := range l.vecLen {
 		var rs []int
-		var key []byte
+		key := binary.AppendUvarint(nil, uint64(l.colClass(i)))
 		for r := range l.ranges {
 			if need[r][i] {
 				rs = append(rs, r)
@@ -122,11 +122,10 @@ func newColLayout(l *layout) *colLayout {
 		if len(rs) == 0 {
 			continue
 		}
-		key = binary.AppendUvarint(key, uint64(l.colClass(i)))
-		g, ok := byRanges[string(key)]
+		g, ok := byKey[string(key)]
 		if !ok {
 			g = len(c.groups)
-			byRanges[string(key)] = g
+			byKey[string(key)] = g
 			c.groups = append(c.groups, colGroup{ranges: rs})
 		}
 		c.groups[g].idx = append(c.groups[g].idx, i)
@@ -174,7 +173,7 @@ const wordBytes = 2
 // entry, the group's numbers, then the bucket's offset from base, in the
 // last word (a uint16) or, once its group is widened, the last two (an
 // int32). Most columns span less than 65,536 buckets (45 days of minutes),
-// and the offset is a third of an entry of one number.
+// and an entry of one count then takes two words rather than three.
 type column struct {
 	base    int64
 	start   int // entries before start are dropped
@@ -398,9 +397,8 @@ func (c *column) extend(words int) {
 // colWiden makes the bucket offsets of group g two words: a column of it
 // spans 65,536 buckets or more (with one-minute buckets, more than 45
 // days: with the defaults, the lead→deal cohorts and baselines of a store
-// older than that). Every column of
-// the group, and the chunks the start-up scan is filling, is rewritten
-// with the wider entries.
+// older than that). Every column of the group, and the chunks the
+// start-up scan is filling, is rewritten with the wider entries.
 func (p *Processor) colWiden(g int) {
 	grp := &p.cols.groups[g]
 	old := grp.stride
