@@ -191,7 +191,9 @@ func TestWindowSumsMatchStore(t *testing.T) {
 func TestPendingBoundsEntities(t *testing.T) {
 	p, st := eventClockProcessor(t, 0)
 	p.pendingLimit = 64 << 10
-	const entities, perBatch = 5000, 100
+	// Batches of the consumer's size, larger than what the budget holds:
+	// it is checked within a batch.
+	const entities, perBatch = 6000, 2000
 	tm := time.Date(2026, 1, 5, 0, 0, 0, 0, time.UTC).UnixMilli()
 	b := &Batch{Topic: "events"}
 	maxDirty := 0
@@ -208,8 +210,9 @@ func TestPendingBoundsEntities(t *testing.T) {
 	}
 	// Every entity costs at least its reach times and seen ids.
 	minCost := 8 * int64(len(p.cfg.Funnel.Stages)+maxSeenIDs+2)
-	if limit := int(2*p.pendingLimit/minCost) + perBatch; maxDirty > limit {
+	if limit := int(2*p.pendingLimit/minCost) + applyChunk; maxDirty > limit {
 		t.Errorf("got up to %d dirty entities between flushes; want at most %d", maxDirty, limit)
+
 	}
 	select {
 	case <-p.flushNow:
