@@ -53,6 +53,12 @@ func TestColumnsMatchStore(t *testing.T) {
 			if tc.budget > 0 {
 				p.colBudget = tc.budget
 			}
+			// No early flush within a batch (the burst below is larger
+			// than twice the pending budget): on the event clock a flush
+			// evaluates the boundaries the clock crossed with what was
+			// applied then, and checkEvaluated compares with evaluating
+			// once all of a batch is in.
+			p.pendingLimit = 64 << 20
 			rng := rand.New(rand.NewPCG(5, 6))
 			sources := [][]byte{[]byte("ads"), []byte("seo"), []byte("mail"), nil}
 			span := tc.weeks * (7 * 24 * time.Hour).Milliseconds()
@@ -132,6 +138,7 @@ func TestColumnsMatchStore(t *testing.T) {
 					if tc.budget > 0 {
 						p.colBudget = tc.budget
 					}
+					p.pendingLimit = 64 << 20
 					checkColumns(t, p, at+", restarted")
 					wideRestarted = wideWidths(p)[0] > 0
 					widenedRestarted = slices.ContainsFunc(p.cols.groups, func(g colGroup) bool { return g.wideOff })
