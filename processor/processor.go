@@ -743,7 +743,9 @@ func (b *Batch) Add(d *Decoder, topicStage int, m *kafka.Message) {
 
 // ApplyBatch applies a batch to the in-memory state. Records at offsets
 // below the partition's next offset were applied before and are skipped, so
-// a redelivered batch changes nothing.
+// a redelivered batch changes nothing. It applies applyChunk records at a
+// time, and between them may wait for a flush (which then stores the part
+// applied so far, with its offsets).
 func (p *Processor) ApplyBatch(b *Batch) {
 	p.loadFilter()
 	for recs := b.Records; len(recs) > 0; {
