@@ -511,7 +511,7 @@ func (p *Processor) rebuildFilters(ctx context.Context) error {
 }
 
 // askRebuild asks rebuildFilters for a new filter if the current one is
-// full.
+// full. It runs under p.mu.
 func (p *Processor) askRebuild() {
 	if p.known != nil && p.known.full() {
 		select {
