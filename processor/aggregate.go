@@ -486,9 +486,6 @@ func (p *Processor) loadRanges(now int64) error {
 		return err
 	}
 	if !fits {
-		for _, s := range p.segmentList {
-			s.fill = nil
-		}
 		p.colDisable()
 		return nil
 	}

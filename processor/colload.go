@@ -104,11 +104,13 @@ func (p *Processor) colLoaded() {
 			if n == 0 {
 				continue
 			}
-			data := make([]int16, 0, n)
+			data := p.colMem.alloc(0, n)
 			for _, ch := range chunks {
 				data = append(data, ch...)
+				p.colMem.free(ch)
 			}
 			c := &s.cols[g]
+			p.colMem.free(c.data)
 			c.data, c.start = data, 0
 		}
 		s.fill = nil

@@ -307,7 +307,7 @@ func (p *Processor) colAddGroup(s *segment, g int, b int64, v store.Vector) bool
 		if n == 0 {
 			c.wideOff = grp.wideOff
 		}
-		if !c.insert(stride, e, b) {
+		if !c.insert(p.colMem, stride, e, b) {
 			if grp.wideOff {
 				return false
 			}
@@ -353,7 +353,7 @@ func (p *Processor) colAddEntry(s *segment, g, e int, b int64, v store.Vector) {
 // insert makes an entry of zeros for bucket b at entry e. It reports
 // false, changing nothing, when the span of the column's buckets with b
 // does not fit its offsets.
-func (c *column) insert(stride, e int, b int64) bool {
+func (c *column) insert(m colMem, stride, e int, b int64) bool {
 	n := c.len(stride)
 	if n == 0 {
 		c.data, c.start, c.base = c.data[:0], 0, b
@@ -372,7 +372,7 @@ func (c *column) insert(stride, e int, b int64) bool {
 		}
 	}
 	at, end := (c.start+e)*stride, len(c.data)
-	c.extend(stride)
+	c.extend(m, stride)
 	copy(c.data[at+stride:], c.data[at:end])
 	clear(c.data[at : at+stride])
 	c.setBucket(at+stride, b)
@@ -380,18 +380,49 @@ func (c *column) insert(stride, e int, b int64) bool {
 }
 
 // extend adds words to the end of the column. It grows the slice by an
-// eighth, not by append's quarter: the columns are the largest part of
-// the heap, and copying a column when it grows costs little beside the
+// eighth, not by append's quarter: the columns are a large part of the
+// memory, and copying a column when it grows costs little beside the
 // flushes that fill it.
-func (c *column) extend(words int) {
+func (c *column) extend(m colMem, words int) {
 	n := len(c.data)
 	if n+words <= cap(c.data) {
 		c.data = c.data[:n+words]
 		return
 	}
-	d := make([]int16, n+words, n+words+max(n/8, 256))
+	d := m.alloc(n+words, n+words+max(n/8, 256))
 	copy(d, c.data)
+	m.free(c.data)
 	c.data = d
+}
+
+// colMapBytes is the size from which a column's words are mapped outside
+// the Go heap: the columns of the busiest segments, a few hundred with
+// the default bench, hold most of the columns' bytes, and a bound on
+// their count (the column budget over colMapBytes) keeps the number of
+// mappings far below the system's limit.
+const colMapBytes = 64 << 10
+
+// colMem allocates the words of columns and start-up chunks: those of
+// mapFrom bytes or more outside the Go heap (see offHeap).
+type colMem struct {
+	h       *offHeap
+	mapFrom int
+}
+
+// alloc returns words of length n and capacity c. Free them with free.
+func (m colMem) alloc(n, c int) []int16 {
+	if c*wordBytes < m.mapFrom {
+		return make([]int16, n, c)
+	}
+	return offHeapSlice[int16](m.h, c)[:n]
+}
+
+// free frees words from alloc: a mapping goes back to the system, the Go
+// heap's words to the collector. They must not be used after.
+func (m colMem) free(d []int16) {
+	if offHeapHolds(m.h, d) {
+		offHeapFree(m.h, d)
+	}
 }
 
 // colWiden makes the bucket offsets of group g two words: a column of it
@@ -404,26 +435,29 @@ func (p *Processor) colWiden(g int) {
 	old := grp.stride
 	grp.stride++
 	grp.wideOff = true
-	widen := func(data []int16, capEntries int) []int16 {
-		n := len(data) / old
-		src := column{data: data}
-		dst := column{data: make([]int16, n*(old+1), capEntries*(old+1)), wideOff: true}
+	// widen returns the words of data, from word from on, widened, and
+	// frees data.
+	widen := func(data []int16, from, capEntries int) []int16 {
+		live := data[from:]
+		n := len(live) / old
+		src := column{data: live}
+		dst := column{data: p.colMem.alloc(n*(old+1), capEntries*(old+1)), wideOff: true}
 		for e := range n {
-			copy(dst.data[e*(old+1):], data[e*old:(e+1)*old-1])
+			copy(dst.data[e*(old+1):], live[e*old:(e+1)*old-1])
 			dst.setBucket((e+1)*(old+1), src.bucket(old, e))
 		}
+		p.colMem.free(data)
 		return dst.data
 	}
 	for _, s := range p.segmentList {
 		c := &s.cols[g]
-		live := c.data[c.start*old:]
-		n := len(live) / old
+		n := c.len(old)
 		p.colBytes += wordBytes * int64(n)
-		c.data, c.start, c.wideOff = widen(live, n), 0, true
+		c.data, c.start, c.wideOff = widen(c.data, c.start*old, n), 0, true
 		if s.fill != nil {
 			for i, ch := range s.fill[g] {
 				p.colBytes += wordBytes * int64(len(ch)/old)
-				s.fill[g][i] = widen(ch, cap(ch)/old)
+				s.fill[g][i] = widen(ch, 0, cap(ch)/old)
 			}
 		}
 	}
@@ -464,11 +498,17 @@ func (p *Processor) colDrop() {
 			// than its live entries (with a half, the columns took twice
 			// their live bytes).
 			if c.start*stride >= len(c.data)/4 {
-				n := copy(c.data, c.data[c.start*stride:])
-				c.data, c.start = c.data[:n], 0
-				if cap(c.data) > 1024 && n < cap(c.data)/4 {
-					c.data = slices.Clip(c.data)
+				live := c.data[c.start*stride:]
+				if cap(c.data) > 1024 && len(live) < cap(c.data)/4 {
+					// A column that shrank a lot: give the room back.
+					d := p.colMem.alloc(len(live), len(live)+len(live)/8)
+					copy(d, live)
+					p.colMem.free(c.data)
+					c.data, c.start = d, 0
+					continue
 				}
+				n := copy(c.data, live)
+				c.data, c.start = c.data[:n], 0
 			}
 		}
 	}
@@ -535,7 +575,15 @@ func (p *Processor) colReset(from int64) {
 func (p *Processor) colDisable() {
 	p.colsOn, p.colBytes = false, 0
 	for _, s := range p.segmentList {
-		s.cols, s.wide = nil, nil
+		for _, c := range s.cols {
+			p.colMem.free(c.data)
+		}
+		for _, chunks := range s.fill {
+			for _, ch := range chunks {
+				p.colMem.free(ch)
+			}
+		}
+		s.cols, s.wide, s.fill = nil, nil, nil
 	}
 }
 
@@ -623,7 +671,7 @@ func (p *Processor) colMerge(s *segment, g int, fl []flushedBucket) bool {
 	if k := len(ins); k > 0 {
 		// Move each run of entries between two new ones once, from the
 		// back, by the number of new entries before it.
-		c.extend(k * stride)
+		c.extend(p.colMem, k*stride)
 		hi := n
 		for j := k - 1; j >= 0; j-- {
 			lo := ins[j].e

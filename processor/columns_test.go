@@ -27,12 +27,15 @@ func TestColumnsMatchStore(t *testing.T) {
 		clock  string
 		budget int64 // bytes of the columns, 0 for the default
 		weeks  int64 // of event time
+		// mapAll maps every column outside the Go heap; the columns of
+		// this test are below colMapBytes otherwise.
+		mapAll bool
 	}{
-		{"event clock", ClockEvent, 0, 7},
-		{"wall clock", ClockWall, 0, 7},
+		{"event clock", ClockEvent, 0, 7, false},
+		{"wall clock", ClockWall, 0, 7, true},
 		// Over the budget the columns are dropped and the ranges move
 		// by reading the store.
-		{"over budget", ClockEvent, 64 << 10, 3},
+		{"over budget", ClockEvent, 64 << 10, 3, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := DefaultConfig()
@@ -52,6 +55,9 @@ func TestColumnsMatchStore(t *testing.T) {
 			}
 			if tc.budget > 0 {
 				p.colBudget = tc.budget
+			}
+			if tc.mapAll {
+				p.colMem.mapFrom = 0
 			}
 			// No early flush within a batch (the burst below is larger
 			// than twice the pending budget): on the event clock a flush
@@ -117,6 +123,9 @@ func TestColumnsMatchStore(t *testing.T) {
 					t.Fatal(err)
 				}
 				flushes++
+				if n := len(p.colMem.h.maps); !p.colsOn && n != 0 {
+					t.Fatalf("flush %d: %d mappings left with the columns off; want 0", flushes, n)
+				}
 				for width, n := range wideWidths(p) {
 					sawWide[width] = sawWide[width] || n > 0
 				}
@@ -138,6 +147,16 @@ func TestColumnsMatchStore(t *testing.T) {
 					if tc.budget > 0 {
 						p.colBudget = tc.budget
 					}
+					if tc.mapAll {
+						// Load again, into mappings, twice: the second
+						// load replaces mapped columns.
+						p.colMem.mapFrom = 0
+						for range 2 {
+							if err := p.loadRanges(p.clockNow()); err != nil {
+								t.Fatal(err)
+							}
+						}
+					}
 					p.pendingLimit = 64 << 20
 					checkColumns(t, p, at+", restarted")
 					wideRestarted = wideWidths(p)[0] > 0
@@ -149,6 +168,9 @@ func TestColumnsMatchStore(t *testing.T) {
 					t.Errorf("columns on with a budget of %d bytes", tc.budget)
 				}
 				return
+			}
+			if tc.mapAll && len(p.colMem.h.maps) == 0 {
+				t.Error("no column mapped outside the Go heap: the test misses a path")
 			}
 			if !p.colsOn {
 				t.Fatal("columns off")
@@ -300,6 +322,19 @@ func checkColumns(t *testing.T, p *Processor, at string) {
 	}
 	if total != len(stored) {
 		t.Fatalf("%s: the columns hold %d non-zero numbers; the store %d", at, total, len(stored))
+	}
+	// Every mapping outside the Go heap holds a column's words: none was
+	// left behind when a column moved.
+	mapped := 0
+	for _, s := range p.segmentList {
+		for _, c := range s.cols {
+			if offHeapHolds(p.colMem.h, c.data) {
+				mapped++
+			}
+		}
+	}
+	if n := len(p.colMem.h.maps); n != mapped {
+		t.Fatalf("%s: %d mappings for %d mapped columns", at, n, mapped)
 	}
 }
 

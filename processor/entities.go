@@ -2,6 +2,8 @@ package processor
 
 import (
 	"bytes"
+	"runtime"
+	"sync/atomic"
 
 	"github.com/funnelwatch/funnelwatch/store"
 )
@@ -13,9 +15,11 @@ import (
 // hash table maps keys to records. An entity takes about 110 bytes with
 // the default funnel (record, reach times, key, slot and, for the third
 // of entities with more than one event, a block of seen ids); see
-// docs/performance.md.
+// docs/performance.md. All of these live outside the Go heap (mem), so
+// that they do not raise the heap's collection goal.
 type entityTable struct {
 	stages int
+	mem    *offHeap
 	// slots hold, per slot, the low 32 bits of the key's hash (the slot it
 	// belongs to) in the high half and the record index + 1 in the low
 	// half; 0 is an empty slot. Linear probing, deletion by backward
@@ -77,8 +81,12 @@ const (
 	recState
 )
 
-func newEntityTable(stages int) *entityTable {
-	t := &entityTable{stages: stages}
+// newEntityTable returns an empty table for a funnel of the given number
+// of stages, counting the bytes it maps in mapped. Its memory goes back to
+// the system once it is garbage.
+func newEntityTable(stages int, mapped *atomic.Int64) *entityTable {
+	t := &entityTable{stages: stages, mem: newOffHeap(mapped)}
+	runtime.AddCleanup(t, (*offHeap).release, t.mem)
 	t.resize(1 << 10)
 	return t
 }
@@ -119,12 +127,12 @@ func (t *entityTable) addSeen(r *entityRec, id uint64) {
 	switch r.nSeen {
 	case inlineSeen:
 		// To a small block.
-		b := newBlock(&t.small, &t.freeSmall, smallSeen)
+		b := t.newBlock(&t.small, &t.freeSmall, smallSeen)
 		copy(t.small[int(b-1)*smallSeen:], r.seen[:])
 		r.block = b
 	case smallSeen:
 		// To a block of maxSeenIDs.
-		b := newBlock(&t.blocks, &t.freeBlocks, maxSeenIDs)
+		b := t.newBlock(&t.blocks, &t.freeBlocks, maxSeenIDs)
 		copy(t.blocks[int(b-1)*maxSeenIDs:], t.seen(r))
 		t.freeSmall = append(t.freeSmall, r.block)
 		r.block = b
@@ -164,13 +172,14 @@ func (t *entityTable) clearSeen(r *entityRec) {
 }
 
 // newBlock returns the index + 1 of a free block of size ids in blocks.
-func newBlock(blocks *[]uint64, free *[]uint32, size int) uint32 {
+func (t *entityTable) newBlock(blocks *[]uint64, free *[]uint32, size int) uint32 {
 	if n := len(*free); n > 0 {
 		b := (*free)[n-1]
 		*free = (*free)[:n-1]
 		return b
 	}
-	*blocks = append(*blocks, make([]uint64, size)...)
+	*blocks = offHeapGrow(t.mem, *blocks, size)
+	*blocks = (*blocks)[:len(*blocks)+size]
 	return uint32(len(*blocks) / size)
 }
 
@@ -204,8 +213,8 @@ func (t *entityTable) insert(key []byte, h uint64) uint32 {
 	} else {
 		idx = uint32(t.nrecs)
 		if t.nrecs%entityPage == 0 {
-			t.recs = append(t.recs, make([]entityRec, entityPage))
-			t.reached = append(t.reached, make([]int64, entityPage*t.stages))
+			t.recs = append(t.recs, offHeapSlice[entityRec](t.mem, entityPage))
+			t.reached = append(t.reached, offHeapSlice[int64](t.mem, entityPage*t.stages))
 		}
 		t.nrecs++
 	}
@@ -214,6 +223,7 @@ func (t *entityTable) insert(key []byte, h uint64) uint32 {
 	}
 	r := t.rec(idx)
 	*r = entityRec{keyOff: uint32(len(t.keys)), keyLen: uint16(len(key)), flags: recLive}
+	t.keys = offHeapGrow(t.mem, t.keys, len(key))
 	t.keys = append(t.keys, key...)
 	t.place(uint64(uint32(h))<<32 | uint64(idx+1))
 	t.live++
@@ -232,13 +242,14 @@ func (t *entityTable) place(s uint64) {
 
 func (t *entityTable) resize(n int) {
 	old := t.slots
-	t.slots = make([]uint64, n)
+	t.slots = offHeapSlice[uint64](t.mem, n)
 	t.mask = uint64(n - 1)
 	for _, s := range old {
 		if s != 0 {
 			t.place(s)
 		}
 	}
+	offHeapFree(t.mem, old)
 }
 
 // remove deletes record idx, whose key hashes to h.
@@ -279,7 +290,7 @@ done:
 
 // compactKeys rewrites the key arena without the keys of removed records.
 func (t *entityTable) compactKeys() {
-	keys := make([]byte, 0, len(t.keys)-t.garbage+len(t.keys)/8)
+	keys := offHeapSlice[byte](t.mem, len(t.keys)-t.garbage+len(t.keys)/8)[:0]
 	for i := range t.nrecs {
 		r := t.rec(uint32(i))
 		if r.flags&recLive == 0 {
@@ -289,6 +300,7 @@ func (t *entityTable) compactKeys() {
 		r.keyOff = uint32(len(keys))
 		keys = append(keys, k...)
 	}
+	offHeapFree(t.mem, t.keys)
 	t.keys, t.garbage = keys, 0
 }
 

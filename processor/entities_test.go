@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"slices"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -15,16 +17,20 @@ import (
 )
 
 // TestEntityTable checks the cache's hash table against a map through
-// inserts and removals, with keys crafted to collide in their slot.
+// inserts and removals, with keys crafted to collide in their slot and
+// long enough that the key arena is compacted, and that the table keeps
+// no mapping it does not use.
 func TestEntityTable(t *testing.T) {
-	tab := newEntityTable(3)
+	tab := newEntityTable(3, new(atomic.Int64))
 	want := map[string]uint32{}
 	rng := rand.New(rand.NewPCG(1, 2))
 	// hash returns h with few distinct low bits, so many keys share a home
 	// slot and runs wrap around the table.
 	hash := func(k string) uint64 { return xxhash.Sum64String(k) & 0xffff_ffff_0000_00ff }
+	pad := strings.Repeat("x", 600)
+	inserted := 0
 	for i := range 20_000 {
-		k := fmt.Sprintf("k%d", rng.IntN(5000))
+		k := fmt.Sprintf("k%d%s", rng.IntN(5000), pad)
 		if idx, ok := want[k]; ok && i%3 == 0 {
 			tab.remove(idx, hash(k))
 			delete(want, k)
@@ -38,6 +44,7 @@ func TestEntityTable(t *testing.T) {
 			idx = tab.insert([]byte(k), hash(k))
 			tab.rec(idx).lastSeen = int64(i)
 			want[k] = idx
+			inserted += len(k)
 		}
 		if got := string(tab.key(tab.rec(idx))); got != k {
 			t.Fatalf("step %d: key of record %d = %q; want %q", i, idx, got, k)
@@ -56,12 +63,19 @@ func TestEntityTable(t *testing.T) {
 	if n != len(want) {
 		t.Errorf("each visited %d records; want %d", n, len(want))
 	}
+	if len(tab.keys) >= inserted {
+		t.Errorf("key arena of %d bytes after inserting %d: never compacted, the test misses a path", len(tab.keys), inserted)
+	}
+	// The record and reach time pages, the slots and the key arena.
+	if got, want := len(tab.mem.maps), 2*len(tab.recs)+2; got != want {
+		t.Errorf("%d mappings; want %d", got, want)
+	}
 }
 
 // TestEntitySeen checks that an entity remembers its last maxSeenIDs event
 // ids, oldest first, inline and in a block.
 func TestEntitySeen(t *testing.T) {
-	tab := newEntityTable(3)
+	tab := newEntityTable(3, new(atomic.Int64))
 	idx := tab.insert([]byte("x"), 1)
 	r := tab.rec(idx)
 	var want []uint64
@@ -86,7 +100,7 @@ func TestEntitySeen(t *testing.T) {
 	// Many entities growing, replaced (setSeen, as when a state is read
 	// back) and cleared in turn share the blocks without overwriting
 	// each other's ids, and every block comes back.
-	tab = newEntityTable(3)
+	tab = newEntityTable(3, new(atomic.Int64))
 	rng := rand.New(rand.NewPCG(3, 4))
 	recs := make([]*entityRec, 50)
 	wants := make([][]uint64, len(recs))
@@ -131,6 +145,11 @@ func TestEntitySeen(t *testing.T) {
 	}
 	if got, want := len(tab.freeBlocks), len(tab.blocks)/maxSeenIDs; got != want {
 		t.Errorf("%d blocks free of %d", got, want)
+	}
+	// The record and reach time pages, the slots, the key arena and the
+	// two block arenas.
+	if got, want := len(tab.mem.maps), 2*len(tab.recs)+4; got != want {
+		t.Errorf("%d mappings; want %d", got, want)
 	}
 }
 

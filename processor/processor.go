@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -77,6 +78,9 @@ type Processor struct {
 	// stalled is set while flushes fail, so readers stop feeding state
 	// that cannot be written.
 	stalled atomic.Bool
+	// mapped counts the bytes of the entity table and the columns mapped
+	// outside the Go heap (see offHeap).
+	mapped atomic.Int64
 	// pending estimates the bytes a flush will write: the bucket vectors
 	// of the pending deltas and the states of the dirty entities. At
 	// pendingLimit Run flushes early, at twice that ApplyBatch flushes
@@ -129,6 +133,7 @@ type Processor struct {
 	cols          *colLayout
 	colsOn        bool
 	colBytes      int64           // of the columns' entries
+	colMem        colMem          // the columns' words
 	colAdds       []flushedBucket // scratch of colMerge
 	movedSegs     []*segment      // scratch of stepColumns
 	weeksBuf      [2][]int        // scratch of stepColumns
@@ -320,7 +325,9 @@ func New(cfg Config, st *store.Store, o Options) (*Processor, error) {
 		overflow:      make([]int64, len(cfg.Segments.Dimensions)),
 		deletedBefore: -1 << 62,
 	}
-	p.entities = newEntityTable(len(cfg.Funnel.Stages))
+	p.entities = newEntityTable(len(cfg.Funnel.Stages), &p.mapped)
+	p.colMem = colMem{h: newOffHeap(&p.mapped), mapFrom: colMapBytes}
+	runtime.AddCleanup(p, (*offHeap).release, p.colMem.h)
 	p.overflowDelta = make([]int64, len(p.overflow))
 	p.positions = make([]position, len(p.layout.ranges))
 	for _, b := range cfg.Segments.Breakdowns {
@@ -669,6 +676,12 @@ func (p *Processor) CaughtUp() bool {
 	}
 	return true
 }
+
+// MappedBytes returns the memory the processor holds outside the Go heap:
+// the entity cache and the large evaluation columns. The Go runtime's
+// statistics and its memory limit do not count it; the resident set does.
+// It is safe to call concurrently.
+func (p *Processor) MappedBytes() int64 { return p.mapped.Load() }
 
 // Stalled reports whether the last flush failed or the store's disk is
 // below its reserve, so that the next flush will; readers wait while it
