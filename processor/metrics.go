@@ -126,6 +126,7 @@ func newMetrics(p *Processor, o Options) *metrics {
 		{"funnel_last_event_timestamp_seconds", "Event time of the newest accepted event.", nil},
 		{"funnel_entities_tracked", "Entities with stored state.", nil},
 		{"funnel_store_disk_bytes", "Disk space used by the store.", nil},
+		{"funnel_memory_mapped_bytes", "Memory mapped outside the Go heap for the entity cache and the large evaluation columns: counted by process_resident_memory_bytes once written, not by go_memstats_*.", nil},
 		{"funnel_consumption_paused", "1 while the last flush failed: consumption waits until a flush succeeds (the store's disk is full or failing, or the dead-letter topic cannot be written).", nil},
 	} {
 		m.descs[d.name] = prometheus.NewDesc(d.name, d.help, d.labels, nil)
@@ -232,6 +233,7 @@ func (m *metrics) collectOperational(ch chan<- prometheus.Metric) {
 	gauge("funnel_last_event_timestamp_seconds", float64(p.lastEvent)/1000)
 	gauge("funnel_entities_tracked", float64(p.entityCount))
 	gauge("funnel_store_disk_bytes", disk)
+	gauge("funnel_memory_mapped_bytes", float64(p.MappedBytes()))
 	gauge("funnel_consumption_paused", b2f(p.stalled.Load()))
 }
 

@@ -3,11 +3,14 @@ package main
 import (
 	"bytes"
 	"context"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/debug"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -116,6 +119,86 @@ func TestBenchCommand(t *testing.T) {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("output does not contain %q:\n%s", want, out)
 		}
+	}
+}
+
+// TestRunMemoryLimit checks that funnelwatch run lowers the Go runtime's
+// memory limit, set by GOMEMLIMIT as the deployment sets it, by the memory
+// it maps outside the Go heap, and leaves it alone without GOMEMLIMIT.
+func TestRunMemoryLimit(t *testing.T) {
+	brokers := startBroker(t, 1)
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "GOMEMLIMIT=") {
+			env = append(env, kv)
+		}
+	}
+	const limit = 1 << 30
+	for _, tc := range []struct {
+		name  string
+		env   []string
+		limit float64 // 0: none
+	}{
+		{"GOMEMLIMIT set", append(slices.Clip(env), "GOMEMLIMIT=1GiB"), limit},
+		{"no GOMEMLIMIT", env, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			addr := freePort(t)
+			logs := &lockedBuffer{}
+			p := startProcEnv(t, writeConfig(t, t.TempDir(), brokers, "memlimit", addr, ""), addr, logs, tc.env)
+			// The entity table maps its hash slots when it is made.
+			waitFor(t, 30*time.Second, "serve /metrics", func() bool { return metricValue(addr, "funnel_memory_mapped_bytes") > 0 })
+			mapped := metricValue(addr, "funnel_memory_mapped_bytes")
+			want := float64(math.MaxInt64)
+			if tc.limit > 0 {
+				want = tc.limit - mapped
+			}
+			// Exactly: with no traffic nothing is mapped after the start.
+			if got := metricValue(addr, "go_gc_gomemlimit_bytes"); got != want {
+				t.Errorf("go_gc_gomemlimit_bytes = %.0f with %.0f bytes mapped; want %.0f", got, mapped, want)
+			}
+			p.terminate(t)
+		})
+	}
+}
+
+// TestLimitMemory checks limitMemory's floor of half the limit and that
+// it sets the limit back when it returns.
+func TestLimitMemory(t *testing.T) {
+	defer debug.SetMemoryLimit(debug.SetMemoryLimit(-1))
+	const limit = 1 << 30
+	var mapped atomic.Int64
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- limitMemory(ctx, limit, mapped.Load, time.Millisecond) }()
+	for _, tc := range []struct {
+		mapped, want int64
+	}{
+		{0, limit},
+		{100 << 20, limit - 100<<20},
+		{100<<20 + 1<<19, limit - 100<<20}, // less than a MiB more: unchanged
+		{limit, limit / 2},
+	} {
+		mapped.Store(tc.mapped)
+		// Long enough for a move that should not happen.
+		time.Sleep(20 * time.Millisecond)
+		var got int64
+		for range 2000 {
+			if got = debug.SetMemoryLimit(-1); got == tc.want {
+				break
+			}
+			time.Sleep(time.Millisecond)
+		}
+		if got != tc.want {
+			t.Errorf("mapped %d: limit %d; want %d", tc.mapped, got, tc.want)
+		}
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if got := debug.SetMemoryLimit(-1); got != limit {
+		t.Errorf("limit %d after return; want %d", got, limit)
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -136,6 +137,37 @@ func runRun(ctx context.Context, args []string, _, stderr io.Writer) error {
 // reason.
 const defaultGCPercent = 25
 
+// memoryLimitEvery is how often limitMemory follows the mapped memory: it
+// grows with the entity cache and the columns, over minutes.
+const memoryLimitEvery = time.Second
+
+// limitMemory keeps the Go runtime's soft memory limit at limit (the
+// GOMEMLIMIT the deployment derives from the container's limit) minus
+// mapped(), the memory the processors map outside the Go heap, which the
+// runtime does not count: otherwise the runtime would collect harder only
+// once the Go heap alone reached the limit, after the kernel had killed
+// the process. It leaves the Go runtime at least half the limit, below
+// which collecting harder would only burn CPU. It checks every interval
+// and returns when ctx is done, with the limit set back to limit.
+func limitMemory(ctx context.Context, limit int64, mapped func() int64, every time.Duration) error {
+	defer debug.SetMemoryLimit(limit)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	set := int64(-1)
+	for {
+		// Moves below a MiB are not worth the runtime's work of setting it.
+		if want := max(limit-mapped(), limit/2); set < 0 || max(want-set, set-want) >= 1<<20 {
+			debug.SetMemoryLimit(want)
+			set = want
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
 // serve runs the processor, the consumer and the web server until ctx is
 // done. When l is not nil the web server uses it instead of listening on
 // the configured address.
@@ -182,6 +214,9 @@ func serve(ctx context.Context, cfg processor.Config, logger *slog.Logger, l net
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return p.Run(gctx) })
 	g.Go(func() error { return c.Run(gctx) })
+	if limit := debug.SetMemoryLimit(-1); limit < math.MaxInt64 {
+		g.Go(func() error { return limitMemory(gctx, limit, p.MappedBytes, memoryLimitEvery) })
+	}
 	g.Go(func() error {
 		if l != nil {
 			return srv.Serve(gctx, l)
@@ -217,6 +252,10 @@ func serveScaleOut(ctx context.Context, cfg processor.Config, logger *slog.Logge
 	srv := processor.NewServer(cfg.Web, so.Segments(), c, reg, logger)
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return so.Run(gctx) })
+	if limit := debug.SetMemoryLimit(-1); limit < math.MaxInt64 {
+		mapped := func() int64 { return so.Entities().MappedBytes() + so.Segments().MappedBytes() }
+		g.Go(func() error { return limitMemory(gctx, limit, mapped, memoryLimitEvery) })
+	}
 	g.Go(func() error {
 		if l != nil {
 			return srv.Serve(gctx, l)
