@@ -12,7 +12,7 @@ import (
 // million entities and more: states live in fixed-size records in pages
 // (no pointers, so the garbage collector never scans them, and no
 // allocation per entity), keys in one byte arena, and an open-addressing
-// hash table maps keys to records. An entity takes about 110 bytes with
+// hash table maps keys to records. An entity takes about 100 bytes with
 // the default funnel (record, reach times, key, slot and, for the third
 // of entities with more than one event, a block of seen ids); see
 // docs/performance.md. All of these live outside the Go heap (mem), so

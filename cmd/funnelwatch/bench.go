@@ -170,12 +170,12 @@ raw kafka-go consumption       %10.0f events/s (median of %d)
 funnelwatch end to end         %10.0f events/s (median of %d)
 ratio                          %10.2f
 cpu seconds (last run)         %10.2f (%.2f µs per event)
-%-30s %10.0f MiB (at the end: resident %.0f MiB, Go heap in use %.0f, from the OS %.0f)
+%-30s %10.0f MiB (at the end: resident %.0f MiB, Go heap in use %.0f, from the OS %.0f, mapped outside it %.0f)
 store size (last run)          %10.1f MiB
 segments                       %10d
 /metrics scrape (median of 5)  %10s (%d series, %d bytes)
 client_golang, same series     %10s (ratio %.2f)
-`, mr, len(raw), mf, len(fw), mf/mr, last.cpu, last.cpu/float64(*events)*1e6, rss, last.peakRSS, last.resident, last.heap, last.goSys,
+`, mr, len(raw), mf, len(fw), mf/mr, last.cpu, last.cpu/float64(*events)*1e6, rss, last.peakRSS, last.resident, last.heap, last.goSys, last.mapped,
 		float64(last.storeBytes)/(1<<20), last.segments, last.scrape.Round(time.Microsecond), last.series, last.scrapeBytes,
 		last.baseline.Round(time.Microsecond), float64(last.scrape)/float64(last.baseline))
 	if last.proc == nil {
@@ -251,11 +251,11 @@ type benchResult struct {
 	scrape      time.Duration
 	scrapeBytes int
 	baseline    time.Duration // client_golang exposing the same series
-	// MiB resident (the Go runtime's and the entity table's and large
-	// columns' mappings outside it), in use by the Go heap, and obtained
-	// by the Go runtime from the OS, at the end.
-	resident, heap, goSys float64
-	proc                  *fwProcess // still running, for the freshness phase
+	// MiB resident, in use by the Go heap, obtained by the Go runtime
+	// from the OS, and mapped outside it (the entity table and the large
+	// columns), at the end.
+	resident, heap, goSys, mapped float64
+	proc                          *fwProcess // still running, for the freshness phase
 }
 
 func median(xs []float64) float64 {
@@ -364,6 +364,7 @@ func funnelwatchProcess(ctx context.Context, exe string, cfg processor.Config, n
 			res.storeBytes = uint64(sumFamily(mfs, "funnel_store_disk_bytes"))
 			res.resident = sumFamily(mfs, "process_resident_memory_bytes") / (1 << 20)
 			res.heap = sumFamily(mfs, "go_memstats_heap_inuse_bytes") / (1 << 20)
+			res.mapped = sumFamily(mfs, "funnel_memory_mapped_bytes") / (1 << 20)
 			res.goSys = sumFamily(mfs, "go_memstats_sys_bytes") / (1 << 20)
 			break
 		}

@@ -129,12 +129,13 @@ func runRun(ctx context.Context, args []string, _, stderr io.Writer) error {
 }
 
 // defaultGCPercent is the GOGC of funnelwatch run when the environment
-// sets none. Most of the heap is pointer-free (the entity table, the
-// evaluation columns, Pebble's memtables and block cache), so a collection
-// has little to mark: collecting after 25% growth instead of Go's 100%
-// cuts the peak RSS of a catch-up by a third for a few percent of CPU
-// (docs/performance.md, Memory). Prometheus lowers its GOGC for the same
-// reason.
+// sets none. Much of the heap is pointer-free (Pebble's memtables and
+// block cache, the small evaluation columns; the entity table and the
+// large columns are mapped outside it), so a collection has little to
+// mark: collecting after 25% growth instead of Go's 100% cut the peak RSS
+// of a catch-up by a third for a few percent of CPU, and 35% gives back
+// nothing measurable of that CPU now (docs/performance.md, Memory).
+// Prometheus lowers its GOGC for the same reason.
 const defaultGCPercent = 25
 
 // memoryLimitEvery is how often limitMemory follows the mapped memory: it
