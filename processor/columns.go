@@ -52,6 +52,18 @@ type colGroup struct {
 	// from is the lowest bucket from which the columns of the group hold
 	// every stored bucket; a range move below it reads the store.
 	from int64
+	// bit is the group's bit in a flushed bucket's groups: 1 << its
+	// index, or 0 beyond the 64th group.
+	bit uint64
+}
+
+// has reports whether flushed bucket f has a number other than zero in
+// the group.
+func (g *colGroup) has(f *flushedBucket) bool {
+	if g.bit != 0 {
+		return f.groups&g.bit != 0
+	}
+	return g.holds(f.v)
 }
 
 // holds reports whether v has a number other than zero in the group.
@@ -76,6 +88,8 @@ type colOp struct {
 // colLayout is the grouping of the vector indices into columns.
 type colLayout struct {
 	groups []colGroup
+	// bits is, per vector index, the bit of its group (colGroup.bit).
+	bits []uint64
 	// need is, per range, the vector indices its sums are read at.
 	need [][]int
 	// ops is, per range and group, how an entry adds to the range's sums.
@@ -129,6 +143,13 @@ func newColLayout(l *layout) *colLayout {
 			c.groups = append(c.groups, colGroup{ranges: rs})
 		}
 		c.groups[g].idx = append(c.groups[g].idx, i)
+	}
+	c.bits = make([]uint64, l.vecLen)
+	for g := range min(len(c.groups), 64) {
+		c.groups[g].bit = 1 << g
+		for _, i := range c.groups[g].idx {
+			c.bits[i] = 1 << g
+		}
 	}
 	isValue := make([]bool, l.vecLen)
 	for st := range l.stages {
@@ -608,6 +629,17 @@ func (p *Processor) foldFlushed(s *segment) {
 		}
 	}
 	if p.colsOn {
+		// Which groups each bucket has numbers in, in one pass over its
+		// vector rather than one per group.
+		for i := range fl {
+			var m uint64
+			for k, x := range fl[i].v {
+				if x != 0 {
+					m |= p.cols.bits[k]
+				}
+			}
+			fl[i].groups = m
+		}
 		for g := range p.cols.groups {
 			if !p.colMerge(s, g, fl) {
 				p.colDisable()
@@ -619,8 +651,9 @@ func (p *Processor) foldFlushed(s *segment) {
 
 // flushedBucket is a bucket's committed delta.
 type flushedBucket struct {
-	b int64
-	v store.Vector
+	b      int64
+	v      store.Vector
+	groups uint64 // the colGroup.bit of the groups v has numbers in
 }
 
 // colMerge adds the flushed deltas fl (in bucket order) of s to its column
@@ -636,9 +669,9 @@ func (p *Processor) colMerge(s *segment, g int, fl []flushedBucket) bool {
 	// The deltas with numbers in the group, at or above its bound.
 	add := p.colAdds[:0]
 	defer func() { clear(add); p.colAdds = add[:0] }()
-	for _, f := range fl {
-		if f.b >= grp.from && grp.holds(f.v) {
-			add = append(add, f)
+	for i := range fl {
+		if fl[i].b >= grp.from && grp.has(&fl[i]) {
+			add = append(add, fl[i])
 		}
 	}
 	if len(add) == 0 {

@@ -531,4 +531,26 @@ func TestColLayout(t *testing.T) {
 			t.Errorf("step %d: entered and converted in one group", step)
 		}
 	}
+	// A flushed bucket's group bits (foldFlushed) name the groups of its
+	// non-zero indices; a group past the 64th has no bit and reads the
+	// vector.
+	for i := range l.vecLen {
+		g, ok := in[i]
+		want := uint64(0)
+		if ok {
+			want = c.groups[g].bit
+		}
+		if c.bits[i] != want || ok && want != 1<<g {
+			t.Errorf("index %d of group %d (ok %v): bit %#x, group's %#x", i, g, ok, c.bits[i], want)
+		}
+	}
+	far := colGroup{idx: []int{2}}
+	for _, tc := range []struct {
+		v    store.Vector
+		want bool
+	}{{store.Vector{0, 0, 5}, true}, {store.Vector{5, 5, 0}, false}, {store.Vector{5}, false}} {
+		if got := far.has(&flushedBucket{v: tc.v, groups: ^uint64(0)}); got != tc.want {
+			t.Errorf("group without a bit: has(%v) = %v; want %v", tc.v, got, tc.want)
+		}
+	}
 }

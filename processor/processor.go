@@ -1240,7 +1240,7 @@ func (p *Processor) prepare() (*inflight, *store.Batch) {
 	for _, w := range sorted {
 		batch.AddBucket(w.b, w.s.key, w.v)
 		// In bucket order per segment too, for foldFlushed.
-		w.s.flushed = append(w.s.flushed, flushedBucket{w.b, w.v})
+		w.s.flushed = append(w.s.flushed, flushedBucket{b: w.b, v: w.v})
 	}
 	clear(bw)
 	clear(sorted)
