@@ -1,6 +1,7 @@
 package processor
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -396,4 +397,50 @@ func TestFilterRebuild(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkStored("concurrent")
+}
+
+// TestSortDirty checks that sortDirty puts the changed entities of several
+// partitions in the store's key order, keys sharing their first eight
+// bytes included, and keeps every one.
+func TestSortDirty(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Kafka.Topics = []TopicConfig{{Name: "events"}}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Date(2026, 1, 5, 0, 0, 0, 0, time.UTC).UnixMilli()
+	p, err := New(cfg, MemStore(t), Options{Now: func() time.Time { return time.UnixMilli(now) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(7, 8))
+	for part := range 3 {
+		b := &Batch{Topic: "events", Partition: part}
+		for i := range 500 {
+			// Long ids with a common prefix, short ones, and ids that are
+			// prefixes of others.
+			id := fmt.Appendf(nil, "%d", rng.IntN(1000))
+			if rng.IntN(2) == 0 {
+				id = fmt.Appendf(nil, "user-%d", rng.IntN(100000))
+			}
+			b.Records = append(b.Records, Record{Offset: int64(i), Event: Event{Entity: id, Time: now}})
+		}
+		p.ApplyBatch(b)
+	}
+	before := slices.Clone(p.dirty)
+	if len(before) < 1000 {
+		t.Fatalf("%d entities changed; want more than 1000: the test misses its point", len(before))
+	}
+	p.sortDirty()
+	key := func(idx uint32) []byte { return p.entities.key(p.entities.rec(idx)) }
+	for i := 1; i < len(p.dirty); i++ {
+		if bytes.Compare(key(p.dirty[i-1]), key(p.dirty[i])) >= 0 {
+			t.Fatalf("dirty %d (%q) not before dirty %d (%q)", i-1, key(p.dirty[i-1]), i, key(p.dirty[i]))
+		}
+	}
+	slices.Sort(before)
+	got := slices.Sorted(slices.Values(p.dirty))
+	if !slices.Equal(got, before) {
+		t.Errorf("sorted %d records; want the %d changed ones", len(got), len(before))
+	}
 }

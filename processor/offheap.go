@@ -6,18 +6,21 @@ import (
 	"unsafe"
 )
 
-// offHeap holds arrays mapped outside the Go heap for one owner (the
-// entity table). The collector's pacing counts only the Go heap: with
-// GOGC=25 every byte on it may take a quarter more before a collection,
-// and an array outgrown on it stays until one. The entity table's pages,
-// arenas and hash slots are most of the cache's memory, hold no pointers
-// and live as long as the table, so they are mapped here instead; a
-// mapping is returned to the system when freed, and all of them when the
-// owner is garbage (see release).
+// offHeap holds arrays mapped outside the Go heap for one owner: the
+// entity table, or a processor's evaluation columns. The collector's
+// pacing counts only the Go heap: with GOGC=25 every byte on it may take
+// a quarter more before a collection, and an array outgrown on it stays
+// until one. The entity table's pages, arenas and hash slots and the
+// large columns are most of the processor's memory, hold no pointers and
+// live long, so they are mapped here instead; a mapping is returned to
+// the system when freed, and all of them when the owner is garbage (see
+// release).
 //
 // Only pointer-free types may live here: the collector does not scan
-// this memory. A slice of it must not be used after it is freed. An
-// offHeap is not safe for concurrent use; its owner's lock covers it.
+// this memory. A slice of it must not be used after it is freed, nor
+// after its owner is garbage. An offHeap is not safe for concurrent use;
+// its owner's lock covers it (release runs once no one else can reach
+// it).
 type offHeap struct {
 	maps map[unsafe.Pointer]int // start of every live mapping → its length
 	// bytes counts the bytes mapped; it may be shared by several offHeaps

@@ -13,6 +13,7 @@
 package processor
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"encoding/binary"
@@ -121,7 +122,9 @@ type Processor struct {
 	filterOnce sync.Once
 	rebuilding bool
 	knownLog   []uint64
-	dirty      []uint32 // records of entities changed since the last flush
+	dirty      []uint32   // records of entities changed since the last flush
+	dirtyBytes []byte     // scratch of sortDirty
+	dirtyKeys  []dirtyKey // scratch of sortDirty
 	// combos are the distinct combinations of dimension values entities
 	// have, with their segments: an entity refers to one by index.
 	combos     []combo
@@ -1257,6 +1260,7 @@ func (p *Processor) prepare() (*inflight, *store.Batch) {
 	}
 	p.dirtySegments = p.dirtySegments[:0]
 	p.vecs, p.vecsFlushing = p.vecsFlushing, p.vecs
+	p.sortDirty()
 	for _, idx := range p.dirty {
 		e := p.entities.rec(idx)
 		key := p.entities.key(e)
@@ -1371,6 +1375,41 @@ func (p *Processor) restore(f *inflight) {
 // CPU and 5-6% less of a catch-up's rate (more flushes, each holding the
 // lock); 1 MiB cost 2-3% more CPU (docs/performance.md).
 const pendingBudget = 2 << 20
+
+// dirtyKey is an entry of sortDirty's scratch.
+type dirtyKey struct {
+	prefix uint64 // the key's first 8 bytes, big-endian, zero-padded
+	off    uint32 // of the key in the scratch bytes
+	n      uint16
+	idx    uint32
+}
+
+// sortDirty orders p.dirty by entity key, the order of the store's keys,
+// so that Pebble inserts a flush's entity states into its memtable in
+// key order: each search then runs down a path close to the one before
+// (6.4% of a replay's profile against 7.2% unsorted; sorting took 1%).
+// The keys are copied side by side first, so that comparing them does
+// not chase the table's arena.
+func (p *Processor) sortDirty() {
+	keys, dk := p.dirtyBytes[:0], p.dirtyKeys[:0]
+	for _, idx := range p.dirty {
+		k := p.entities.key(p.entities.rec(idx))
+		var pre [8]byte
+		copy(pre[:], k)
+		dk = append(dk, dirtyKey{binary.BigEndian.Uint64(pre[:]), uint32(len(keys)), uint16(len(k)), idx})
+		keys = append(keys, k...)
+	}
+	slices.SortFunc(dk, func(a, b dirtyKey) int {
+		if c := cmp.Compare(a.prefix, b.prefix); c != 0 {
+			return c
+		}
+		return bytes.Compare(keys[a.off:a.off+uint32(a.n)], keys[b.off:b.off+uint32(b.n)])
+	})
+	for i, d := range dk {
+		p.dirty[i] = d.idx
+	}
+	p.dirtyBytes, p.dirtyKeys = keys, dk
+}
 
 // bucketOverhead is what a pending bucket holds besides its vector: its
 // slot in the segment's bucketTable (32 bytes, at most three quarters
