@@ -265,11 +265,26 @@ func (r *sparseReader) next() (int, int64, bool, error) {
 	if r.left == 0 {
 		return 0, 0, false, nil
 	}
-	gap, k := binary.Uvarint(r.b)
+	// Gaps and most elements take one byte: read those without the
+	// general decoders, which do not inline (the merge operator of
+	// Pebble's compactions spends most of its time here).
+	var gap uint64
+	k := 1
+	if len(r.b) > 0 && r.b[0] < 0x80 {
+		gap = uint64(r.b[0])
+	} else {
+		gap, k = binary.Uvarint(r.b)
+	}
 	if k <= 0 || gap >= maxVectorLen || r.i+1+int(gap) >= maxVectorLen {
 		return 0, 0, false, fmt.Errorf("sparse vector index: %w", errCorrupt)
 	}
-	x, k2 := binary.Varint(r.b[k:])
+	var x int64
+	k2 := 1
+	if rest := r.b[k:]; len(rest) > 0 && rest[0] < 0x80 {
+		x = int64(rest[0]>>1) ^ -int64(rest[0]&1)
+	} else {
+		x, k2 = binary.Varint(rest)
+	}
 	if k2 <= 0 {
 		return 0, 0, false, fmt.Errorf("sparse vector element: %w", errCorrupt)
 	}
@@ -328,17 +343,40 @@ func newGroupReader(b []byte) groupReader { return groupReader{b: b, prev: -1} }
 // next returns the next entry's offset and encoded Vector, and false at
 // the end of the group or on an error.
 func (r *groupReader) next() (off int, enc []byte, ok bool, err error) {
+	if off, ok, err = r.nextOffset(); !ok {
+		return 0, nil, false, err
+	}
+	if enc, err = r.addVector(nil); err != nil {
+		return 0, nil, false, err
+	}
+	return off, enc, true, nil
+}
+
+// nextOffset returns the next entry's offset and leaves the reader at its
+// Vector, which addVector must read next; false at the end of the group
+// or on an error. With addVector it reads an entry once where next, which
+// hands out the encoded Vector, reads it and its caller again.
+func (r *groupReader) nextOffset() (off int, ok bool, err error) {
 	if len(r.b) == 0 {
-		return 0, nil, false, nil
+		return 0, false, nil
 	}
 	off = int(r.b[0])
 	if off >= 1<<groupBits || off <= r.prev {
-		return 0, nil, false, fmt.Errorf("bucket group offset %d after %d: %w", off, r.prev, errCorrupt)
+		return 0, false, fmt.Errorf("bucket group offset %d after %d: %w", off, r.prev, errCorrupt)
 	}
-	n, err := addSparse(nil, r.b[1:])
+	r.b, r.prev = r.b[1:], off
+	return off, true, nil
+}
+
+// addVector adds the Vector of the entry nextOffset returned to *v (only
+// reads it when v is nil) and returns its encoding. On an error *v may
+// hold part of it.
+func (r *groupReader) addVector(v *Vector) ([]byte, error) {
+	n, err := addSparse(v, r.b)
 	if err != nil {
-		return 0, nil, false, fmt.Errorf("bucket group offset %d: %w", off, err)
+		return nil, fmt.Errorf("bucket group offset %d: %w", r.prev, err)
 	}
-	enc, r.b, r.prev = r.b[1:1+n], r.b[1+n:], off
-	return off, enc, true, nil
+	enc := r.b[:n]
+	r.b = r.b[n:]
+	return enc, nil
 }

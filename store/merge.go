@@ -134,7 +134,7 @@ func (m *groupAdder) add(value []byte) error {
 func (m *groupAdder) addGroup(value []byte) error {
 	r := newGroupReader(value)
 	for {
-		off, enc, ok, err := r.next()
+		off, ok, err := r.nextOffset()
 		if err != nil || !ok {
 			return err
 		}
@@ -142,7 +142,7 @@ func (m *groupAdder) addGroup(value []byte) error {
 			m.present |= 1 << off
 			m.sums[off] = m.sums[off][:0]
 		}
-		if _, err := addSparse(&m.sums[off], enc); err != nil {
+		if _, err := r.addVector(&m.sums[off]); err != nil {
 			return err
 		}
 	}
