@@ -127,12 +127,7 @@ func TestBenchCommand(t *testing.T) {
 // it maps outside the Go heap, and leaves it alone without GOMEMLIMIT.
 func TestRunMemoryLimit(t *testing.T) {
 	brokers := startBroker(t, 1)
-	var env []string
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "GOMEMLIMIT=") {
-			env = append(env, kv)
-		}
-	}
+	env := environWithout("GOMEMLIMIT")
 	const limit = 1 << 30
 	for _, tc := range []struct {
 		name  string
@@ -202,16 +197,16 @@ func TestLimitMemory(t *testing.T) {
 	}
 }
 
+// environWithout returns the environment without the variable name.
+func environWithout(name string) []string {
+	return slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, name+"=") })
+}
+
 // TestRunGCPercent checks that funnelwatch run collects at its own GOGC
 // unless the environment sets one.
 func TestRunGCPercent(t *testing.T) {
 	brokers := startBroker(t, 1)
-	var env []string
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "GOGC=") {
-			env = append(env, kv)
-		}
-	}
+	env := environWithout("GOGC")
 	for _, tc := range []struct {
 		name string
 		env  []string
