@@ -50,9 +50,6 @@ type segment struct {
 	vol    volumeEval
 	// statusDirty is set when status changed since the last flush.
 	statusDirty bool
-	// moved is set while stepping when the segment's sums moved since
-	// the last boundary (see stepColumns).
-	moved bool
 	// frozen is set on stage 2 of the scale-out mode for the segments of
 	// the partitions the replica does not hold (docs/scaling.md): they
 	// keep the numbers and flags they had, evaluate leaves them alone and
@@ -498,80 +495,104 @@ func (p *Processor) loadRanges(now int64) error {
 // segment at the current positions, with hysteresis.
 func (p *Processor) evaluate() { p.evaluateSegments(p.segmentList) }
 
-// evaluateSegments evaluates the segments of list. It runs under sumsMu.
+// evaluateSegments evaluates the segments of list at the current
+// positions. It runs under sumsMu.
 func (p *Processor) evaluateSegments(list []*segment) {
+	weeks := p.evalWeeks(p.weeksBuf[:0])
+	p.weeksBuf = weeks
+	for _, s := range list {
+		p.evaluateSegment(s, weeks)
+	}
+}
+
+// evalWeeks appends, per step and then for volume detection, how many
+// baseline weeks evaluation uses at the current positions (baselineWeeks;
+// 0 for a step that does not alert).
+func (p *Processor) evalWeeks(weeks []int) []int {
+	l := p.layout
+	for _, sl := range l.steps {
+		n := 0
+		if sl.alerting {
+			n = p.baselineWeeks(sl.baseline)
+		}
+		weeks = append(weeks, n)
+	}
+	return append(weeks, p.baselineWeeks(l.volume.baseline))
+}
+
+// evaluateSegment evaluates s on its sums with the baseline weeks of
+// evalWeeks.
+func (p *Processor) evaluateSegment(s *segment, weeks []int) {
 	l := p.layout
 	a := p.cfg.Alerts
-	for _, s := range list {
-		if s.frozen {
+	if s.frozen {
+		return
+	}
+	for t, sl := range l.steps {
+		if !sl.alerting {
 			continue
 		}
-		for t, sl := range l.steps {
-			if !sl.alerting {
-				continue
-			}
-			e := stepEval{}
-			cur := sl.cohort[sl.window]
-			e.x, e.n = s.sum(l, cur, l.converted(t)), s.sum(l, cur, l.entered(t))
-			for _, r := range sl.baseline[:p.baselineWeeks(sl.baseline)] {
-				e.available = true
-				e.weeksUsed++
-				e.x0 += s.sum(l, r, l.converted(t))
-				e.n0 += s.sum(l, r, l.entered(t))
-			}
-			on := false
-			if e.available && e.n > 0 && e.n0 > 0 {
-				x, n, x0, n0 := float64(e.x), float64(e.n), float64(e.x0), float64(e.n0)
-				pp, p0 := x/n, x0/n0
-				pbar := (x + x0) / (n + n0)
-				if pbar > 0 && pbar < 1 {
-					e.z = (pp - p0) / math.Sqrt(pbar*(1-pbar)*(1/n+1/n0))
-					e.zOK = true
-				}
-				sample := e.n >= int64(a.MinEntered) && n*p0 >= a.MinExpected
-				was := s.status[sl.statusIdx]
-				switch {
-				case !e.zOK || !sample:
-					on = false
-				case was:
-					on = e.z <= -a.ZOff
-				default:
-					on = e.z <= -a.ZOn && pp <= (1-a.MinDrop)*p0
-				}
-			}
-			s.eval[t] = e
-			p.setStatus(s, sl.statusIdx, on)
-		}
-
-		v := volumeEval{}
-		first := l.entities(l.firstStage)
-		v.n = s.sum(l, l.volume.current, first)
-		var n0 int64
-		k := 0
-		for _, r := range l.volume.baseline[:p.baselineWeeks(l.volume.baseline)] {
-			k++
-			n0 += s.sum(l, r, first)
+		e := stepEval{}
+		cur := sl.cohort[sl.window]
+		e.x, e.n = s.sum(l, cur, l.converted(t)), s.sum(l, cur, l.entered(t))
+		for _, r := range sl.baseline[:weeks[t]] {
+			e.available = true
+			e.weeksUsed++
+			e.x0 += s.sum(l, r, l.converted(t))
+			e.n0 += s.sum(l, r, l.entered(t))
 		}
 		on := false
-		if k > 0 {
-			v.available = true
-			v.lambda = float64(n0) / float64(k)
-			if v.lambda > 0 {
-				v.z = (float64(v.n) - v.lambda) / math.Sqrt(v.lambda)
-				v.zOK = true
+		if e.available && e.n > 0 && e.n0 > 0 {
+			x, n, x0, n0 := float64(e.x), float64(e.n), float64(e.x0), float64(e.n0)
+			pp, p0 := x/n, x0/n0
+			pbar := (x + x0) / (n + n0)
+			if pbar > 0 && pbar < 1 {
+				e.z = (pp - p0) / math.Sqrt(pbar*(1-pbar)*(1/n+1/n0))
+				e.zOK = true
 			}
-			was := s.status[len(s.status)-1]
+			sample := e.n >= int64(a.MinEntered) && n*p0 >= a.MinExpected
+			was := s.status[sl.statusIdx]
 			switch {
-			case !v.zOK || v.lambda < a.MinExpected:
+			case !e.zOK || !sample:
+				on = false
 			case was:
-				on = v.z <= -a.ZOff
+				on = e.z <= -a.ZOff
 			default:
-				on = v.z <= -a.ZOn && float64(v.n) <= (1-a.MinDrop)*v.lambda
+				on = e.z <= -a.ZOn && pp <= (1-a.MinDrop)*p0
 			}
 		}
-		s.vol = v
-		p.setStatus(s, len(s.status)-1, on)
+		s.eval[t] = e
+		p.setStatus(s, sl.statusIdx, on)
 	}
+
+	v := volumeEval{}
+	first := l.entities(l.firstStage)
+	v.n = s.sum(l, l.volume.current, first)
+	var n0 int64
+	k := 0
+	for _, r := range l.volume.baseline[:weeks[len(l.steps)]] {
+		k++
+		n0 += s.sum(l, r, first)
+	}
+	on := false
+	if k > 0 {
+		v.available = true
+		v.lambda = float64(n0) / float64(k)
+		if v.lambda > 0 {
+			v.z = (float64(v.n) - v.lambda) / math.Sqrt(v.lambda)
+			v.zOK = true
+		}
+		was := s.status[len(s.status)-1]
+		switch {
+		case !v.zOK || v.lambda < a.MinExpected:
+		case was:
+			on = v.z <= -a.ZOff
+		default:
+			on = v.z <= -a.ZOn && float64(v.n) <= (1-a.MinDrop)*v.lambda
+		}
+	}
+	s.vol = v
+	p.setStatus(s, len(s.status)-1, on)
 }
 
 // baselineWeeks returns how many of the baseline ranges, in order of their

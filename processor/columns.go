@@ -766,9 +766,20 @@ func (c *colLayout) tapOps(taps []*tap) {
 	}
 }
 
-// stepColumns is step from the columns: each tap keeps, per segment and
-// column group, the entry it has reached. It reports false, having moved
+// stepColumns is step from the columns. It reports false, having moved
 // nothing, when a tap would read below the columns.
+//
+// It steps one segment at a time through all the boundaries: a segment's
+// sums and flags depend only on its own columns and on how many baseline
+// weeks are in the history at each boundary, which is the same for every
+// segment. A tap's position at boundary b is b less a constant (b*bucket
+// is a whole number of buckets, see rangeSpec.bounds), so each cursor
+// knows the boundary at which it passes its next entry, and a segment
+// visits only the boundaries where one of its cursors does so or where
+// every segment is evaluated: the first, and each where the baseline
+// weeks change. Stepping all segments boundary by boundary instead
+// checked every cursor at nearly every boundary, and read each segment's
+// columns from memory again at each.
 func (p *Processor) stepColumns(from, to int64) bool {
 	if !p.colsOn {
 		return false
@@ -783,96 +794,123 @@ func (p *Processor) stepColumns(from, to int64) bool {
 	}
 	l := p.layout
 	bucket := p.bucketMs
+	// The boundaries where every segment is evaluated, each with the
+	// baseline weeks (evalWeeks) from it on. This leaves the positions at
+	// the last boundary.
+	nw := len(l.steps) + 1
+	forced, weeks := p.stepForced[:0], p.stepWeeks[:0]
+	for b := from; b <= to; b++ {
+		for _, r := range p.evalRanges {
+			lo, hi := l.ranges[r].bounds(b*bucket, bucket)
+			p.positions[r] = position{lo, hi}
+		}
+		n := len(weeks)
+		weeks = p.evalWeeks(weeks)
+		if b > from && slices.Equal(weeks[n:], weeks[n-nw:n]) {
+			weeks = weeks[:n]
+			continue
+		}
+		forced = append(forced, b)
+	}
+	p.stepForced, p.stepWeeks = forced, weeks
 	for _, t := range p.evalTaps {
-		t.cursors, t.next, t.minNext = t.cursors[:0], t.next[:0], math.MaxInt64
-		for _, s := range p.segmentList {
+		t.off = from - t.at(from*bucket, bucket)
+	}
+	due := p.stepDue[:0] // per tap, the boundary its cursors pass an entry at
+	for range p.evalTaps {
+		due = append(due, 0)
+	}
+	p.stepDue = due
+	for _, s := range p.segmentList {
+		// A cursor per tap and group: the entry the tap has reached.
+		cur := p.stepCur[:0]
+		for ti, t := range p.evalTaps {
+			due[ti] = math.MaxInt64
 			for _, g := range t.groups {
 				stride := p.cols.groups[g].stride
 				c := &s.cols[g]
-				e := c.search(stride, t.pos+1)
-				t.cursors = append(t.cursors, e)
-				t.next = append(t.next, c.nextBucket(stride, e))
-				t.minNext = min(t.minNext, t.next[len(t.next)-1])
+				n := c.len(stride)
+				e := c.searchIn(stride, 0, n, t.pos+1)
+				cur = append(cur, stepCursor{e, n, c.nextBucket(stride, e)})
+				due[ti] = min(due[ti], dueAt(cur[len(cur)-1].next, t.off))
 			}
 		}
-	}
-	moved := p.movedSegs[:0]
-	weeks, lastWeeks := p.weeksBuf[0], p.weeksBuf[1]
-	for b := from; b <= to; b++ {
-		now := b * bucket
-		for _, t := range p.evalTaps {
-			target := t.at(now, bucket)
-			if target <= t.pos {
-				continue
+		p.stepCur = cur
+		fi, wi := 0, 0 // the next forced boundary; the weeks in force
+		for b := from; ; b++ {
+			nb := slices.Min(due)
+			if fi < len(forced) {
+				nb = min(nb, forced[fi])
 			}
-			if target < t.minNext {
-				// No cursor has an entry to pass.
-				t.pos = target
-				continue
+			if nb > to {
+				break
 			}
-			// Most cursors have no entry to pass at a boundary: their
-			// next buckets, side by side, tell without reading the
-			// columns.
-			minNext := int64(math.MaxInt64)
+			b = nb
+			eval := false
+			if fi < len(forced) && forced[fi] == b {
+				eval, wi = true, fi
+				fi++
+			}
 			k := 0
-			for _, s := range p.segmentList {
-				for gi, g := range t.groups {
-					if t.next[k] > target {
-						minNext = min(minNext, t.next[k])
-						k++
-						continue
-					}
-					c := &s.cols[g]
-					stride := p.cols.groups[g].stride
-					e, n := t.cursors[k], c.len(stride)
-					first := e
-					for ; e < n && c.bucket(stride, e) <= target; e++ {
-						at := (c.start + e) * stride
-						for _, op := range t.ops[gi] {
-							x, ok := c.number(at+op.at, op.two)
-							if !ok {
-								x = s.wideValue(g, stride, e, op.slot)
-							}
-							s.sums[op.off] += op.sign * x
-						}
-					}
-					if e > first && !s.moved {
-						s.moved = true
-						moved = append(moved, s)
-					}
-					t.cursors[k], t.next[k] = e, c.nextBucket(stride, e)
-					minNext = min(minNext, t.next[k])
-					k++
+			for ti, t := range p.evalTaps {
+				if due[ti] > b {
+					k += len(t.groups)
+					continue
 				}
+				target := b - t.off
+				d := int64(math.MaxInt64)
+				for gi, g := range t.groups {
+					cc := &cur[k]
+					k++
+					if cc.next <= target {
+						c := &s.cols[g]
+						stride := p.cols.groups[g].stride
+						e := cc.e
+						for ; e < cc.n && c.bucket(stride, e) <= target; e++ {
+							at := (c.start + e) * stride
+							for _, op := range t.ops[gi] {
+								x, ok := c.number(at+op.at, op.two)
+								if !ok {
+									x = s.wideValue(g, stride, e, op.slot)
+								}
+								s.sums[op.off] += op.sign * x
+							}
+						}
+						cc.e, cc.next = e, math.MaxInt64
+						if e < cc.n {
+							cc.next = c.bucket(stride, e)
+						}
+						eval = true
+					}
+					d = min(d, dueAt(cc.next, t.off))
+				}
+				due[ti] = d
 			}
-			t.pos, t.minNext = target, minNext
-		}
-		for _, r := range p.evalRanges {
-			lo, hi := l.ranges[r].bounds(now, bucket)
-			p.positions[r] = position{lo, hi}
-		}
-		// Evaluating a segment again on the same sums and baseline weeks
-		// gives the same result (z_off <= z_on makes the hysteresis
-		// idempotent), so after the first boundary only the segments
-		// whose sums moved are evaluated, unless a baseline week came in.
-		weeks = weeks[:0]
-		for _, sl := range l.steps {
-			if sl.alerting {
-				weeks = append(weeks, p.baselineWeeks(sl.baseline))
+			// Evaluating a segment again on the same sums and baseline
+			// weeks gives the same result (z_off <= z_on makes the
+			// hysteresis idempotent), so a segment is evaluated only
+			// where its sums moved or every segment is.
+			if eval {
+				p.evaluateSegment(s, weeks[wi*nw:(wi+1)*nw])
 			}
 		}
-		weeks = append(weeks, p.baselineWeeks(l.volume.baseline))
-		if b == from || !slices.Equal(weeks, lastWeeks) {
-			p.evaluate()
-		} else {
-			p.evaluateSegments(moved)
-		}
-		weeks, lastWeeks = lastWeeks, weeks
-		for _, s := range moved {
-			s.moved = false
-		}
-		moved = moved[:0]
 	}
-	p.movedSegs, p.weeksBuf = moved, [2][]int{weeks, lastWeeks}
 	return true
+}
+
+// stepCursor is a tap's cursor in a column while stepping: the entry it
+// has reached, the column's entries (len divides by the stride), and the
+// reached entry's bucket (MaxInt64 past the last).
+type stepCursor struct {
+	e, n int
+	next int64
+}
+
+// dueAt is the boundary at which a tap whose position is the boundary
+// less off reaches bucket next.
+func dueAt(next, off int64) int64 {
+	if next == math.MaxInt64 {
+		return next
+	}
+	return next + off
 }

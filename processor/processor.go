@@ -133,16 +133,20 @@ type Processor struct {
 	evalTaps   []*tap // their edges, for stepping through buckets
 	// cols groups the numbers the ranges read into per-segment columns;
 	// colsOn is false once a span did not fit them (see columns.go).
-	cols          *colLayout
-	colsOn        bool
-	colBytes      int64           // of the columns' entries
-	colMem        colMem          // the columns' words
-	colAdds       []flushedBucket // scratch of colMerge
-	movedSegs     []*segment      // scratch of stepColumns
-	weeksBuf      [2][]int        // scratch of stepColumns
-	colAt         []int           // scratch of colMerge
-	colIns        []colInsert     // scratch of colMerge
-	colBudget     int64           // colBudget; tests lower it
+	cols     *colLayout
+	colsOn   bool
+	colBytes int64           // of the columns' entries
+	colMem   colMem          // the columns' words
+	colAdds  []flushedBucket // scratch of colMerge
+	colAt    []int           // scratch of colMerge
+	colIns   []colInsert     // scratch of colMerge
+	weeksBuf []int           // scratch of evaluateSegments
+	// Scratch of stepColumns.
+	stepForced    []int64
+	stepWeeks     []int
+	stepDue       []int64
+	stepCur       []stepCursor
+	colBudget     int64 // colBudget; tests lower it
 	vecs          vecArena
 	dict          *dictionary
 	segments      map[store.Segment]*segment

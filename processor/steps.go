@@ -33,14 +33,12 @@ type tap struct {
 	subs   []tapSub
 	pos    int64 // buckets up to pos are in the subscribers' sums
 	cur    *store.BucketCursor
-	// groups are the column groups the subscribers read, ops how an
-	// entry of each adds to their sums, and cursors the entry reached per
-	// segment and group (see stepColumns).
-	groups  []int
-	ops     [][]colOp
-	cursors []int
-	next    []int64 // bucket of the entry at each cursor
-	minNext int64   // the least of next
+	// groups are the column groups the subscribers read, and ops how an
+	// entry of each adds to their sums (see stepColumns).
+	groups []int
+	ops    [][]colOp
+	// off is, while stepping, the boundary less the tap's position.
+	off int64
 }
 
 // tapSub is a range a tap adds to (sign +1, its upper edge) or subtracts
