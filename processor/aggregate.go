@@ -501,7 +501,7 @@ func (p *Processor) evaluateSegments(list []*segment) {
 	weeks := p.evalWeeks(p.weeksBuf[:0])
 	p.weeksBuf = weeks
 	for _, s := range list {
-		p.evaluateSegment(s, weeks)
+		p.evaluateSegment(s, weeks, &p.statusDirty)
 	}
 }
 
@@ -521,8 +521,9 @@ func (p *Processor) evalWeeks(weeks []int) []int {
 }
 
 // evaluateSegment evaluates s on its sums with the baseline weeks of
-// evalWeeks.
-func (p *Processor) evaluateSegment(s *segment, weeks []int) {
+// evalWeeks, adding s to dirty if its status changes. It writes nothing
+// but s and dirty.
+func (p *Processor) evaluateSegment(s *segment, weeks []int, dirty *[]*segment) {
 	l := p.layout
 	a := p.cfg.Alerts
 	if s.frozen {
@@ -562,7 +563,7 @@ func (p *Processor) evaluateSegment(s *segment, weeks []int) {
 			}
 		}
 		s.eval[t] = e
-		p.setStatus(s, sl.statusIdx, on)
+		setStatus(s, sl.statusIdx, on, dirty)
 	}
 
 	v := volumeEval{}
@@ -592,7 +593,7 @@ func (p *Processor) evaluateSegment(s *segment, weeks []int) {
 		}
 	}
 	s.vol = v
-	p.setStatus(s, len(s.status)-1, on)
+	setStatus(s, len(s.status)-1, on, dirty)
 }
 
 // baselineWeeks returns how many of the baseline ranges, in order of their
@@ -607,12 +608,14 @@ func (p *Processor) baselineWeeks(ranges []int) int {
 	return len(ranges)
 }
 
-func (p *Processor) setStatus(s *segment, i int, on bool) {
+// setStatus sets flag i of s, adding s to dirty (the segments whose
+// status the next flush writes) when it changes.
+func setStatus(s *segment, i int, on bool, dirty *[]*segment) {
 	if s.status[i] != on {
 		s.status[i] = on
 		if !s.statusDirty {
 			s.statusDirty = true
-			p.statusDirty = append(p.statusDirty, s)
+			*dirty = append(*dirty, s)
 		}
 	}
 }

@@ -5,6 +5,9 @@ import (
 	"encoding/binary"
 	"math"
 	"slices"
+	"sync/atomic"
+
+	"golang.org/x/sync/errgroup"
 
 	"github.com/funnelwatch/funnelwatch/store"
 )
@@ -816,86 +819,121 @@ func (p *Processor) stepColumns(from, to int64) bool {
 	for _, t := range p.evalTaps {
 		t.off = from - t.at(from*bucket, bucket)
 	}
-	due := p.stepDue[:0] // per tap, the boundary its cursors pass an entry at
-	for range p.evalTaps {
-		due = append(due, 0)
+	// Segments do not share anything they write here, so stepWorkers
+	// goroutines step them, each taking the next segment not yet taken:
+	// a catch-up's flushes bound its rate, and this is a third of each.
+	var next atomic.Int64
+	var g errgroup.Group
+	for i := range p.steppers {
+		w := &p.steppers[i]
+		g.Go(func() error {
+			for {
+				k := int(next.Add(1)) - 1
+				if k >= len(p.segmentList) {
+					return nil
+				}
+				p.stepSegment(w, p.segmentList[k], from, to)
+			}
+		})
 	}
-	p.stepDue = due
-	for _, s := range p.segmentList {
-		// A cursor per tap and group: the entry the tap has reached.
-		cur := p.stepCur[:0]
-		for ti, t := range p.evalTaps {
-			due[ti] = math.MaxInt64
-			for _, g := range t.groups {
-				stride := p.cols.groups[g].stride
-				c := &s.cols[g]
-				n := c.len(stride)
-				e := c.searchIn(stride, 0, n, t.pos+1)
-				cur = append(cur, stepCursor{e, n, c.nextBucket(stride, e)})
-				due[ti] = min(due[ti], dueAt(cur[len(cur)-1].next, t.off))
-			}
-		}
-		p.stepCur = cur
-		fi, wi := 0, 0 // the next forced boundary; the weeks in force
-		for b := from; ; b++ {
-			nb := slices.Min(due)
-			if fi < len(forced) {
-				nb = min(nb, forced[fi])
-			}
-			if nb > to {
-				break
-			}
-			b = nb
-			eval := false
-			if fi < len(forced) && forced[fi] == b {
-				eval, wi = true, fi
-				fi++
-			}
-			k := 0
-			for ti, t := range p.evalTaps {
-				if due[ti] > b {
-					k += len(t.groups)
-					continue
-				}
-				target := b - t.off
-				d := int64(math.MaxInt64)
-				for gi, g := range t.groups {
-					cc := &cur[k]
-					k++
-					if cc.next <= target {
-						c := &s.cols[g]
-						stride := p.cols.groups[g].stride
-						e := cc.e
-						for ; e < cc.n && c.bucket(stride, e) <= target; e++ {
-							at := (c.start + e) * stride
-							for _, op := range t.ops[gi] {
-								x, ok := c.number(at+op.at, op.two)
-								if !ok {
-									x = s.wideValue(g, stride, e, op.slot)
-								}
-								s.sums[op.off] += op.sign * x
-							}
-						}
-						cc.e, cc.next = e, math.MaxInt64
-						if e < cc.n {
-							cc.next = c.bucket(stride, e)
-						}
-						eval = true
-					}
-					d = min(d, dueAt(cc.next, t.off))
-				}
-				due[ti] = d
-			}
-			// Evaluating a segment again on the same sums and baseline
-			// weeks gives the same result (z_off <= z_on makes the
-			// hysteresis idempotent), so a segment is evaluated only
-			// where its sums moved or every segment is.
-			if eval {
-				p.evaluateSegment(s, weeks[wi*nw:(wi+1)*nw])
-			}
-		}
+	_ = g.Wait() // the workers return no error
+	for i := range p.steppers {
+		w := &p.steppers[i]
+		p.statusDirty = append(p.statusDirty, w.statusDirty...)
+		clear(w.statusDirty)
+		w.statusDirty = w.statusDirty[:0]
 	}
 	return true
+}
+
+// stepWorkers is how many goroutines step the segments (stepColumns).
+const stepWorkers = 2
+
+// stepper is the scratch of a goroutine of stepColumns.
+type stepper struct {
+	cur         []stepCursor // per tap and group, its cursor
+	due         []int64      // per tap, the boundary its cursors pass an entry at
+	statusDirty []*segment   // the segments whose status changed
+}
+
+// stepSegment steps s from boundary from to boundary to, evaluating it at
+// the forced boundaries of stepColumns and where its sums move. It writes
+// only s and w, so that goroutines can step different segments at once.
+func (p *Processor) stepSegment(w *stepper, s *segment, from, to int64) {
+	forced, weeks := p.stepForced, p.stepWeeks
+	nw := len(p.layout.steps) + 1
+	cur, due := w.cur[:0], w.due[:0]
+	for _, t := range p.evalTaps {
+		d := int64(math.MaxInt64)
+		for _, g := range t.groups {
+			stride := p.cols.groups[g].stride
+			c := &s.cols[g]
+			n := c.len(stride)
+			e := c.searchIn(stride, 0, n, t.pos+1)
+			cur = append(cur, stepCursor{e, n, c.nextBucket(stride, e)})
+			d = min(d, dueAt(cur[len(cur)-1].next, t.off))
+		}
+		due = append(due, d)
+	}
+	w.cur, w.due = cur, due
+	fi, wi := 0, 0 // the next forced boundary; the weeks in force
+	for b := from; ; b++ {
+		nb := slices.Min(due)
+		if fi < len(forced) {
+			nb = min(nb, forced[fi])
+		}
+		if nb > to {
+			return
+		}
+		b = nb
+		eval := false
+		if fi < len(forced) && forced[fi] == b {
+			eval, wi = true, fi
+			fi++
+		}
+		k := 0
+		for ti, t := range p.evalTaps {
+			if due[ti] > b {
+				k += len(t.groups)
+				continue
+			}
+			target := b - t.off
+			d := int64(math.MaxInt64)
+			for gi, g := range t.groups {
+				cc := &cur[k]
+				k++
+				if cc.next <= target {
+					c := &s.cols[g]
+					stride := p.cols.groups[g].stride
+					e := cc.e
+					for ; e < cc.n && c.bucket(stride, e) <= target; e++ {
+						at := (c.start + e) * stride
+						for _, op := range t.ops[gi] {
+							x, ok := c.number(at+op.at, op.two)
+							if !ok {
+								x = s.wideValue(g, stride, e, op.slot)
+							}
+							s.sums[op.off] += op.sign * x
+						}
+					}
+					cc.e, cc.next = e, math.MaxInt64
+					if e < cc.n {
+						cc.next = c.bucket(stride, e)
+					}
+					eval = true
+				}
+				d = min(d, dueAt(cc.next, t.off))
+			}
+			due[ti] = d
+		}
+		// Evaluating a segment again on the same sums and baseline
+		// weeks gives the same result (z_off <= z_on makes the
+		// hysteresis idempotent), so a segment is evaluated only where
+		// its sums moved or every segment is.
+		if eval {
+			p.evaluateSegment(s, weeks[wi*nw:(wi+1)*nw], &w.statusDirty)
+		}
+	}
 }
 
 // stepCursor is a tap's cursor in a column while stepping: the entry it

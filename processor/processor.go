@@ -144,8 +144,7 @@ type Processor struct {
 	// Scratch of stepColumns.
 	stepForced    []int64
 	stepWeeks     []int
-	stepDue       []int64
-	stepCur       []stepCursor
+	steppers      [stepWorkers]stepper
 	colBudget     int64 // colBudget; tests lower it
 	vecs          vecArena
 	dict          *dictionary

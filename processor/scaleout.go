@@ -790,7 +790,7 @@ func (s *ScaleOut) applyDeltas(m *marker, want func(q int) bool, restore bool) {
 		}
 		p.sumsMu.Lock()
 		for i, f := range st.Flags {
-			p.setStatus(seg, i, f == 1)
+			setStatus(seg, i, f == 1, &p.statusDirty)
 		}
 		p.sumsMu.Unlock()
 	}
