@@ -49,8 +49,7 @@ func (p *Processor) colLoad(s *segment, b int64, v store.Vector) bool {
 		}
 		stride := grp.stride
 		chunks := s.fill[g]
-		p.colBytes += wordBytes * int64(stride)
-		if p.colBytes > p.colBudget {
+		if p.colBytes.Add(wordBytes*int64(stride)) > p.colBudget {
 			return false
 		}
 		n := len(chunks)

@@ -338,8 +338,7 @@ func (p *Processor) colAddGroup(s *segment, g int, b int64, v store.Vector) bool
 			p.colWiden(g)
 			return p.colAddGroup(s, g, b, v)
 		}
-		p.colBytes += wordBytes * int64(stride)
-		if p.colBytes > p.colBudget {
+		if p.colBytes.Add(wordBytes*int64(stride)) > p.colBudget {
 			return false
 		}
 	}
@@ -476,11 +475,11 @@ func (p *Processor) colWiden(g int) {
 	for _, s := range p.segmentList {
 		c := &s.cols[g]
 		n := c.len(old)
-		p.colBytes += wordBytes * int64(n)
+		p.colBytes.Add(wordBytes * int64(n))
 		c.data, c.start, c.wideOff = widen(c.data, c.start*old, n), 0, true
 		if s.fill != nil {
 			for i, ch := range s.fill[g] {
-				p.colBytes += wordBytes * int64(len(ch)/old)
+				p.colBytes.Add(wordBytes * int64(len(ch)/old))
 				s.fill[g][i] = widen(ch, 0, cap(ch)/old)
 			}
 		}
@@ -515,7 +514,7 @@ func (p *Processor) colDrop() {
 				}
 			}
 			c.start += e
-			p.colBytes -= wordBytes * int64(stride*e)
+			p.colBytes.Add(-wordBytes * int64(stride*e))
 			// Compact once the dropped entries are a quarter of the
 			// column: dropping costs O(1) per entry (three entries copied
 			// per entry dropped), and a column holds at most a third more
@@ -583,7 +582,7 @@ func (p *Processor) colScan(r int, iv position, sign int64) {
 // colReset empties every segment's columns and makes them complete from
 // bucket from: loadRanges then fills them from the store.
 func (p *Processor) colReset(from int64) {
-	p.colBytes = 0
+	p.colBytes.Store(0)
 	for g := range p.cols.groups {
 		p.cols.groups[g].from = from
 	}
@@ -597,7 +596,8 @@ func (p *Processor) colReset(from int64) {
 
 // colDisable stops using the columns: every range move reads the store.
 func (p *Processor) colDisable() {
-	p.colsOn, p.colBytes = false, 0
+	p.colsOn = false
+	p.colBytes.Store(0)
 	for _, s := range p.segmentList {
 		for _, c := range s.cols {
 			p.colMem.free(c.data)
@@ -611,10 +611,108 @@ func (p *Processor) colDisable() {
 	}
 }
 
+// segWorkers is how many goroutines fold and step the segments after a
+// commit (foldSegments, stepColumns). Segments share nothing those write,
+// and the flushes, half of which is folding and stepping, bound the rate
+// of a catch-up.
+const segWorkers = 2
+
+// segWork is the scratch of one of those goroutines.
+type segWork struct {
+	// of colMerge
+	adds []flushedBucket
+	at   []int
+	ins  []colInsert
+	// of stepSegment
+	cur         []stepCursor // per tap and group, its cursor
+	due         []int64      // per tap, the boundary its cursors pass an entry at
+	statusDirty []*segment   // the segments whose status changed
+}
+
+// eachSegment calls fn for every segment of segs from segWorkers
+// goroutines and returns when all calls have. fn must write nothing but
+// its segment and its scratch. Goroutine i takes segments i, i+segWorkers
+// and so on: handing out the next segment not yet taken balanced no
+// better in the bench, and with a fixed share every goroutine writes in
+// the tests, where a segment's work is so small that the first goroutine
+// could take all of them and hide a race from the race detector.
+func (p *Processor) eachSegment(segs []*segment, fn func(w *segWork, s *segment)) {
+	var g errgroup.Group
+	for i := range p.segWork {
+		w := &p.segWork[i]
+		g.Go(func() error {
+			for k := i; k < len(segs); k += len(p.segWork) {
+				fn(w, segs[k])
+			}
+			return nil
+		})
+	}
+	_ = g.Wait() // fn returns no error
+}
+
+// foldSegments folds the committed deltas of segs (foldFlushed), from
+// several goroutines unless a column may need wider offsets: colWiden
+// rewrites the columns of every segment.
+func (p *Processor) foldSegments(segs []*segment) {
+	if p.colsOn && p.colMayWiden(segs) {
+		for _, s := range segs {
+			if !p.foldFlushed(&p.segWork[0], s) {
+				p.colDisable()
+			}
+		}
+		return
+	}
+	var failed atomic.Bool
+	p.eachSegment(segs, func(w *segWork, s *segment) {
+		if !p.foldFlushed(w, s) {
+			failed.Store(true)
+		}
+	})
+	if failed.Load() {
+		p.colDisable()
+	}
+}
+
+// colMayWiden reports whether folding the committed deltas of segs may
+// add a bucket to a column whose one-word offsets cannot span it with
+// the column's entries (colAddGroup then widens the group). It looks at
+// each segment's lowest and highest flushed bucket a group keeps, so it
+// may say yes where no delta has a number in the group.
+func (p *Processor) colMayWiden(segs []*segment) bool {
+	for _, s := range segs {
+		fl := s.flushed
+		if len(fl) == 0 {
+			continue
+		}
+		for g := range p.cols.groups {
+			grp := &p.cols.groups[g]
+			if grp.wideOff {
+				continue
+			}
+			i, _ := slices.BinarySearchFunc(fl, grp.from, func(f flushedBucket, b int64) int { return cmp.Compare(f.b, b) })
+			if i == len(fl) {
+				continue
+			}
+			lo, hi := fl[i].b, fl[len(fl)-1].b
+			c := &s.cols[g]
+			if n := c.len(grp.stride); n > 0 {
+				lo, hi = min(lo, c.bucket(grp.stride, 0)), max(hi, c.bucket(grp.stride, n-1))
+			}
+			if hi-lo > math.MaxUint16 {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // foldFlushed adds the committed deltas of s to the sums of the ranges at
 // their current positions and to the segment's columns, in bucket order,
-// so that the buckets new to a column append to it.
-func (p *Processor) foldFlushed(s *segment) {
+// so that the buckets new to a column append to it. It reports false when
+// the columns cannot be used any more (colMerge) and must be disabled.
+// It writes only s, w, the columns' memory (colMem) and colBytes, and
+// widens a group only when colMayWiden said it may.
+func (p *Processor) foldFlushed(w *segWork, s *segment) bool {
 	fl := s.flushed
 	// fl is in bucket order: each range adds the run of it that it holds,
 	// rather than each bucket checking every range.
@@ -644,12 +742,12 @@ func (p *Processor) foldFlushed(s *segment) {
 			fl[i].groups = m
 		}
 		for g := range p.cols.groups {
-			if !p.colMerge(s, g, fl) {
-				p.colDisable()
-				break
+			if !p.colMerge(w, s, g, fl) {
+				return false
 			}
 		}
 	}
+	return true
 }
 
 // flushedBucket is a bucket's committed delta.
@@ -665,13 +763,13 @@ type flushedBucket struct {
 // holds: it finds each delta's entry by galloping from the previous one,
 // makes room for all the new entries at once, moving each run of entries
 // between two new ones once, then adds.
-func (p *Processor) colMerge(s *segment, g int, fl []flushedBucket) bool {
+func (p *Processor) colMerge(w *segWork, s *segment, g int, fl []flushedBucket) bool {
 	grp := &p.cols.groups[g]
 	stride := grp.stride
 	c := &s.cols[g]
 	// The deltas with numbers in the group, at or above its bound.
-	add := p.colAdds[:0]
-	defer func() { clear(add); p.colAdds = add[:0] }()
+	add := w.adds[:0]
+	defer func() { clear(add); w.adds = add[:0] }()
 	for i := range fl {
 		if fl[i].b >= grp.from && grp.has(&fl[i]) {
 			add = append(add, fl[i])
@@ -694,7 +792,7 @@ func (p *Processor) colMerge(s *segment, g int, fl []flushedBucket) bool {
 	// flush adds to a few runs of buckets far apart (one per partition).
 	// at[i] is where add[i]'s entry will be once the new entries are in;
 	// ins holds the new entries' places in the column as it is.
-	at, ins := p.colAt[:0], p.colIns[:0]
+	at, ins := w.at[:0], w.ins[:0]
 	e := 0
 	for _, f := range add {
 		e = c.seek(stride, e, f.b)
@@ -703,7 +801,7 @@ func (p *Processor) colMerge(s *segment, g int, fl []flushedBucket) bool {
 			ins = append(ins, colInsert{e, f.b})
 		}
 	}
-	p.colAt, p.colIns = at[:0], ins[:0]
+	w.at, w.ins = at[:0], ins[:0]
 	if k := len(ins); k > 0 {
 		// Move each run of entries between two new ones once, from the
 		// back, by the number of new entries before it.
@@ -717,8 +815,7 @@ func (p *Processor) colMerge(s *segment, g int, fl []flushedBucket) bool {
 			c.setBucket(w+stride, ins[j].b)
 			hi = lo
 		}
-		p.colBytes += wordBytes * int64(k*stride)
-		if p.colBytes > p.colBudget {
+		if p.colBytes.Add(wordBytes*int64(k*stride)) > p.colBudget {
 			return false
 		}
 	}
@@ -782,7 +879,8 @@ func (c *colLayout) tapOps(taps []*tap) {
 // every segment is evaluated: the first, and each where the baseline
 // weeks change. Stepping all segments boundary by boundary instead
 // checked every cursor at nearly every boundary, and read each segment's
-// columns from memory again at each.
+// columns from memory again at each. Segments being independent, several
+// goroutines step them (eachSegment).
 func (p *Processor) stepColumns(from, to int64) bool {
 	if !p.colsOn {
 		return false
@@ -819,26 +917,9 @@ func (p *Processor) stepColumns(from, to int64) bool {
 	for _, t := range p.evalTaps {
 		t.off = from - t.at(from*bucket, bucket)
 	}
-	// Segments do not share anything they write here, so stepWorkers
-	// goroutines step them, each taking the next segment not yet taken:
-	// a catch-up's flushes bound its rate, and this is a third of each.
-	var next atomic.Int64
-	var g errgroup.Group
-	for i := range p.steppers {
-		w := &p.steppers[i]
-		g.Go(func() error {
-			for {
-				k := int(next.Add(1)) - 1
-				if k >= len(p.segmentList) {
-					return nil
-				}
-				p.stepSegment(w, p.segmentList[k], from, to)
-			}
-		})
-	}
-	_ = g.Wait() // the workers return no error
-	for i := range p.steppers {
-		w := &p.steppers[i]
+	p.eachSegment(p.segmentList, func(w *segWork, s *segment) { p.stepSegment(w, s, from, to) })
+	for i := range p.segWork {
+		w := &p.segWork[i]
 		p.statusDirty = append(p.statusDirty, w.statusDirty...)
 		clear(w.statusDirty)
 		w.statusDirty = w.statusDirty[:0]
@@ -846,20 +927,10 @@ func (p *Processor) stepColumns(from, to int64) bool {
 	return true
 }
 
-// stepWorkers is how many goroutines step the segments (stepColumns).
-const stepWorkers = 2
-
-// stepper is the scratch of a goroutine of stepColumns.
-type stepper struct {
-	cur         []stepCursor // per tap and group, its cursor
-	due         []int64      // per tap, the boundary its cursors pass an entry at
-	statusDirty []*segment   // the segments whose status changed
-}
-
 // stepSegment steps s from boundary from to boundary to, evaluating it at
 // the forced boundaries of stepColumns and where its sums move. It writes
 // only s and w, so that goroutines can step different segments at once.
-func (p *Processor) stepSegment(w *stepper, s *segment, from, to int64) {
+func (p *Processor) stepSegment(w *segWork, s *segment, from, to int64) {
 	forced, weeks := p.stepForced, p.stepWeeks
 	nw := len(p.layout.steps) + 1
 	cur, due := w.cur[:0], w.due[:0]

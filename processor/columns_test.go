@@ -77,6 +77,7 @@ func TestColumnsMatchStore(t *testing.T) {
 			var sawWide [2]bool
 			wideRestarted := false
 			widenedRestarted := false
+			widenedFlushing := false
 			for tm := start; tm < start+span; {
 				b.Records = b.Records[:0]
 				// Flushes a minute to a few days of event time apart.
@@ -123,6 +124,9 @@ func TestColumnsMatchStore(t *testing.T) {
 					t.Fatal(err)
 				}
 				flushes++
+				if !restarted && slices.ContainsFunc(p.cols.groups, func(g colGroup) bool { return g.wideOff }) {
+					widenedFlushing = true
+				}
 				if n := len(p.colMem.h.maps); !p.colsOn && n != 0 {
 					t.Fatalf("flush %d: %d mappings left with the columns off; want 0", flushes, n)
 				}
@@ -184,6 +188,10 @@ func TestColumnsMatchStore(t *testing.T) {
 				} else {
 					offWidths[0]++
 				}
+			}
+			// A flush that widens a group must fold alone (foldSegments).
+			if !widenedFlushing {
+				t.Error("no flush widened a group before the restart: the test misses a path")
 			}
 			if offWidths[0] == 0 || offWidths[1] == 0 || !widenedRestarted {
 				t.Errorf("groups with one-word offsets %d, two-word %d, widened by the restart %v; want both and a restart that widens: the test misses a path",

@@ -2,6 +2,7 @@ package processor
 
 import (
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"unsafe"
 )
@@ -18,10 +19,10 @@ import (
 //
 // Only pointer-free types may live here: the collector does not scan
 // this memory. A slice of it must not be used after it is freed, nor
-// after its owner is garbage. An offHeap is not safe for concurrent use;
-// its owner's lock covers it (release runs once no one else can reach
-// it).
+// after its owner is garbage. An offHeap is safe for concurrent use (the
+// goroutines that fold a flush into the columns share one).
 type offHeap struct {
+	mu   sync.Mutex
 	maps map[unsafe.Pointer]int // start of every live mapping → its length
 	// bytes counts the bytes mapped; it may be shared by several offHeaps
 	// and read concurrently.
@@ -47,7 +48,9 @@ func offHeapSlice[T any](h *offHeap, n int) []T {
 		panic(fmt.Sprintf("map %d bytes outside the Go heap: %v", n*int(unsafe.Sizeof(z)), err))
 	}
 	p := unsafe.Pointer(unsafe.SliceData(b))
+	h.mu.Lock()
 	h.maps[p] = len(b)
+	h.mu.Unlock()
 	h.bytes.Add(int64(len(b)))
 	return unsafe.Slice((*T)(p), n)
 }
@@ -59,11 +62,13 @@ func offHeapFree[T any](h *offHeap, s []T) {
 		return
 	}
 	p := unsafe.Pointer(unsafe.SliceData(s[:1]))
+	h.mu.Lock()
 	n, ok := h.maps[p]
+	delete(h.maps, p)
+	h.mu.Unlock()
 	if !ok {
 		panic("offHeapFree: not a mapping of this offHeap")
 	}
-	delete(h.maps, p)
 	h.bytes.Add(-int64(n))
 	unmapMem(unsafe.Slice((*byte)(p), n))
 }
@@ -73,6 +78,8 @@ func offHeapHolds[T any](h *offHeap, s []T) bool {
 	if cap(s) == 0 {
 		return false
 	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
 	_, ok := h.maps[unsafe.Pointer(unsafe.SliceData(s[:1]))]
 	return ok
 }
@@ -96,6 +103,8 @@ func offHeapGrow[T any](h *offHeap, s []T, n int) []T {
 // release returns every mapping to the system. The owner registers it
 // with runtime.AddCleanup, so that it runs once the owner is garbage.
 func (h *offHeap) release() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
 	for p, n := range h.maps {
 		h.bytes.Add(-int64(n))
 		unmapMem(unsafe.Slice((*byte)(p), n))

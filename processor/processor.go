@@ -135,16 +135,15 @@ type Processor struct {
 	// colsOn is false once a span did not fit them (see columns.go).
 	cols     *colLayout
 	colsOn   bool
-	colBytes int64           // of the columns' entries
-	colMem   colMem          // the columns' words
-	colAdds  []flushedBucket // scratch of colMerge
-	colAt    []int           // scratch of colMerge
-	colIns   []colInsert     // scratch of colMerge
-	weeksBuf []int           // scratch of evaluateSegments
+	colBytes atomic.Int64 // of the columns' entries
+	colMem   colMem       // the columns' words
+	weeksBuf []int        // scratch of evaluateSegments
 	// Scratch of stepColumns.
-	stepForced    []int64
-	stepWeeks     []int
-	steppers      [stepWorkers]stepper
+	stepForced []int64
+	stepWeeks  []int
+	// segWork is the scratch of the goroutines that fold and step the
+	// segments after a commit (segWorkers).
+	segWork       [segWorkers]segWork
 	colBudget     int64 // colBudget; tests lower it
 	vecs          vecArena
 	dict          *dictionary
@@ -1179,10 +1178,10 @@ func (p *Processor) flushLocked(ctx context.Context, sweep bool) error {
 		s.statusDirty = false
 	}
 	p.statusDirty = p.statusDirty[:0]
+	if p.ownsSegments() {
+		p.foldSegments(f.segments)
+	}
 	for _, s := range f.segments {
-		if p.ownsSegments() {
-			p.foldFlushed(s)
-		}
 		s.clearFlushing()
 		for i, d := range s.totalsFlushing {
 			s.totals[i] += d
