@@ -79,6 +79,18 @@ func (g *colGroup) holds(v store.Vector) bool {
 	return false
 }
 
+// groupsOf returns the colGroup.bit of every group v has a number other
+// than zero in, found in one pass over v rather than one per group.
+func (c *colLayout) groupsOf(v store.Vector) uint64 {
+	var m uint64
+	for k, x := range v {
+		if x != 0 {
+			m |= c.bits[k]
+		}
+	}
+	return m
+}
+
 // colOp adds the value in slot of a column entry to sums[off].
 type colOp struct {
 	slot int
@@ -730,17 +742,6 @@ func (p *Processor) foldFlushed(w *segWork, s *segment) bool {
 		}
 	}
 	if p.colsOn {
-		// Which groups each bucket has numbers in, in one pass over its
-		// vector rather than one per group.
-		for i := range fl {
-			var m uint64
-			for k, x := range fl[i].v {
-				if x != 0 {
-					m |= p.cols.bits[k]
-				}
-			}
-			fl[i].groups = m
-		}
 		for g := range p.cols.groups {
 			if !p.colMerge(w, s, g, fl) {
 				return false

@@ -539,7 +539,7 @@ func TestColLayout(t *testing.T) {
 			t.Errorf("step %d: entered and converted in one group", step)
 		}
 	}
-	// A flushed bucket's group bits (foldFlushed) name the groups of its
+	// A flushed bucket's group bits (groupsOf) name the groups of its
 	// non-zero indices; a group past the 64th has no bit and reads the
 	// vector.
 	for i := range l.vecLen {

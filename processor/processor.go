@@ -1244,8 +1244,9 @@ func (p *Processor) prepare() (*inflight, *store.Batch) {
 	sorted := p.sortBucketWrites(bw)
 	for _, w := range sorted {
 		batch.AddBucket(w.b, w.s.key, w.v)
-		// In bucket order per segment too, for foldFlushed.
-		w.s.flushed = append(w.s.flushed, flushedBucket{b: w.b, v: w.v})
+		// In bucket order per segment too, for foldFlushed; the groups
+		// while the vector is in the cache.
+		w.s.flushed = append(w.s.flushed, flushedBucket{b: w.b, v: w.v, groups: p.cols.groupsOf(w.v)})
 	}
 	clear(bw)
 	clear(sorted)
