@@ -62,6 +62,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		cpuProfile = fs.String("cpuprofile", "", "write a CPU profile of the last funnelwatch run to this file (implies --in-process)")
 		memProfile = fs.String("memprofile", "", "write a heap profile at the end of the last funnelwatch run to this file (implies --in-process)")
 		freshness  = durationFlag(20 * time.Second)
+		freshRate  = fs.Float64("freshness-rate", 0, "events/s of the live traffic of --freshness (0: half the measured rate); to compare builds at the same rate")
 		dir        = fs.String("dir", "", "directory for the stores (default: a temporary one)")
 		replicas   = fs.Int("replicas", 0, "run this many `funnelwatch run` processes in the scale-out mode (docs/scaling.md) instead of one without it")
 	)
@@ -192,6 +193,9 @@ client_golang, same series     %10s (ratio %.2f)
 	}
 	last.proc = proc
 	rate := mf / 2
+	if *freshRate > 0 {
+		rate = *freshRate
+	}
 	fmt.Fprintf(stdout, "\nfreshness: %.0f events/s of live traffic for %s...\n", rate, model.Duration(freshness))
 	// Live traffic in real time (the event clock follows the wall clock)
 	// at the scale that gives the rate.

@@ -122,6 +122,28 @@ func TestBenchCommand(t *testing.T) {
 	}
 }
 
+// TestBenchFreshness runs the freshness phase of `funnelwatch bench` at a
+// low fixed rate (--freshness-rate), which a machine busy with the rest
+// of the suite still keeps up with: the records must show in /metrics.
+func TestBenchFreshness(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the binary")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, binary(t), "bench", "--events", "20000", "--runs", "1",
+		"--freshness", "3s", "--freshness-rate", "2000", "--dir", t.TempDir())
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("bench: %v\n%s", err, out)
+	}
+	for _, want := range []string{"freshness: 2000 events/s of live traffic for 3s", "records to /metrics: p50 "} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("output does not contain %q:\n%s", want, out)
+		}
+	}
+}
+
 // TestRunMemoryLimit checks that funnelwatch run lowers the Go runtime's
 // memory limit, set by GOMEMLIMIT as the deployment sets it, by the memory
 // it maps outside the Go heap, and leaves it alone without GOMEMLIMIT.
