@@ -949,15 +949,19 @@ func (p *Processor) stepSegment(w *segWork, s *segment, from, to int64) {
 	}
 	w.cur, w.due = cur, due
 	fi, wi := 0, 0 // the next forced boundary; the weeks in force
-	for b := from; ; b++ {
-		nb := slices.Min(due)
-		if fi < len(forced) {
-			nb = min(nb, forced[fi])
+	for {
+		// The next boundary where a cursor passes an entry or every
+		// segment is evaluated: after one, every due is past it.
+		b := int64(math.MaxInt64)
+		for _, d := range due {
+			b = min(b, d)
 		}
-		if nb > to {
+		if fi < len(forced) {
+			b = min(b, forced[fi])
+		}
+		if b > to {
 			return
 		}
-		b = nb
 		eval := false
 		if fi < len(forced) && forced[fi] == b {
 			eval, wi = true, fi
