@@ -811,9 +811,9 @@ func (p *Processor) colMerge(w *segWork, s *segment, g int, fl []flushedBucket) 
 		for j := k - 1; j >= 0; j-- {
 			lo := ins[j].e
 			copy(c.data[(c.start+lo+j+1)*stride:], c.data[(c.start+lo)*stride:(c.start+hi)*stride])
-			w := (c.start + lo + j) * stride
-			clear(c.data[w : w+stride])
-			c.setBucket(w+stride, ins[j].b)
+			word := (c.start + lo + j) * stride
+			clear(c.data[word : word+stride])
+			c.setBucket(word+stride, ins[j].b)
 			hi = lo
 		}
 		if p.colBytes.Add(wordBytes*int64(k*stride)) > p.colBudget {
