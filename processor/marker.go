@@ -229,7 +229,7 @@ func appendEntity(dst []byte, e *markerEntity) []byte {
 	dst = binary.AppendVarint(dst, e.LastSeen)
 	dst = binary.AppendUvarint(dst, uint64(len(e.Reached)))
 	for _, r := range e.Reached {
-		dst = binary.AppendUvarint(dst, reachedCode(e.LastSeen, r))
+		dst = binary.AppendUvarint(dst, store.ReachedCode(e.LastSeen, r))
 	}
 	dst = binary.AppendUvarint(dst, uint64(len(e.Seen)))
 	for _, h := range e.Seen {
@@ -275,37 +275,7 @@ func appendVarints(dst []byte, xs []int64) []byte {
 	return dst
 }
 
-func zigzag(x int64) uint64   { return uint64(x<<1) ^ uint64(x>>63) }
 func unzigzag(u uint64) int64 { return int64(u>>1) ^ -int64(u&1) }
-
-// reachedCode encodes the time an entity reached a stage as its distance
-// back from the entity's last event, which is small, with 0 for
-// NotReached, which would take 10 bytes as such. The mapping is a
-// bijection of the uint64s, so that every value round-trips.
-func reachedCode(lastSeen, r int64) uint64 {
-	u := zigzag(lastSeen - r)
-	nr := zigzag(lastSeen - store.NotReached)
-	switch {
-	case u == nr:
-		return 0
-	case u < nr:
-		return u + 1
-	default:
-		return u
-	}
-}
-
-func reachedValue(lastSeen int64, c uint64) int64 {
-	nr := zigzag(lastSeen - store.NotReached)
-	u := c
-	switch {
-	case c == 0:
-		u = nr
-	case c <= nr:
-		u = c - 1
-	}
-	return lastSeen - unzigzag(u)
-}
 
 // errMarkerTruncated is the cause of a decoding error where a field
 // claims more bytes than the record has left.
@@ -640,7 +610,7 @@ func (d *markerDecoder) entitySection(r markerReader, want func(int) bool) ([]ma
 			if k := g.count("reached", 1); k > 0 {
 				ints, e.Reached = carve(ints, k)
 				for j := range e.Reached {
-					e.Reached[j] = reachedValue(e.LastSeen, g.uvarint())
+					e.Reached[j] = store.ReachedTime(e.LastSeen, g.uvarint())
 				}
 			}
 			if k := g.count("seen", 8); k > 0 {

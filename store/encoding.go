@@ -92,7 +92,14 @@ type Entity struct {
 // time.
 const NotReached int64 = math.MinInt64
 
-const entityVersion = 1
+// Entity states are written with entityVersion. Version 1 wrote reach
+// times as varints, 10 bytes for NotReached, which most reach times of a
+// funnel are: in the default bench they were a quarter of the entity
+// states' bytes. Version 2 writes each as its ReachedCode. Both decode.
+const (
+	entityV1      = 1
+	entityVersion = 2
+)
 
 // AppendEntity appends the encoding of e to dst.
 func AppendEntity(dst []byte, e *Entity) []byte {
@@ -104,7 +111,7 @@ func AppendEntity(dst []byte, e *Entity) []byte {
 	}
 	dst = binary.AppendUvarint(dst, uint64(len(e.Reached)))
 	for _, r := range e.Reached {
-		dst = binary.AppendVarint(dst, r)
+		dst = binary.AppendUvarint(dst, ReachedCode(e.LastSeen, r))
 	}
 	dst = binary.AppendUvarint(dst, uint64(len(e.Seen)))
 	for _, h := range e.Seen {
@@ -113,15 +120,50 @@ func AppendEntity(dst []byte, e *Entity) []byte {
 	return dst
 }
 
+// ReachedCode encodes the time r at which an entity reached a stage as its
+// distance back from the entity's last event, lastSeen, which is small,
+// with 0 for NotReached, which takes 10 bytes as a varint. The mapping is
+// a bijection of the uint64s for any lastSeen, so that every time
+// round-trips through ReachedTime.
+func ReachedCode(lastSeen, r int64) uint64 {
+	u := zigzag(lastSeen - r)
+	nr := zigzag(lastSeen - NotReached)
+	switch {
+	case u == nr:
+		return 0
+	case u < nr:
+		return u + 1
+	default:
+		return u
+	}
+}
+
+// ReachedTime is the time ReachedCode encoded as c.
+func ReachedTime(lastSeen int64, c uint64) int64 {
+	nr := zigzag(lastSeen - NotReached)
+	u := c
+	switch {
+	case c == 0:
+		u = nr
+	case c <= nr:
+		u = c - 1
+	}
+	return lastSeen - unzigzag(u)
+}
+
+func zigzag(x int64) uint64   { return uint64(x<<1) ^ uint64(x>>63) }
+func unzigzag(u uint64) int64 { return int64(u>>1) ^ -int64(u&1) }
+
 // maxEntityList bounds each list in a decoded entity.
 const maxEntityList = 1 << 10
 
 // DecodeEntity decodes an encoding made by AppendEntity into e, reusing its
 // slices.
 func DecodeEntity(e *Entity, b []byte) error {
-	if len(b) == 0 || b[0] != entityVersion {
+	if len(b) == 0 || b[0] != entityV1 && b[0] != entityVersion {
 		return fmt.Errorf("entity version: %w", errCorrupt)
 	}
+	v1 := b[0] == entityV1
 	d := decoder{b: b[1:]}
 	e.LastSeen = d.varint()
 	n := d.count()
@@ -136,7 +178,11 @@ func DecodeEntity(e *Entity, b []byte) error {
 	n = d.count()
 	e.Reached = e.Reached[:0]
 	for i := 0; i < n; i++ {
-		e.Reached = append(e.Reached, d.varint())
+		if v1 {
+			e.Reached = append(e.Reached, d.varint())
+		} else {
+			e.Reached = append(e.Reached, ReachedTime(e.LastSeen, d.uvarint()))
+		}
 	}
 	n = d.count()
 	e.Seen = e.Seen[:0]

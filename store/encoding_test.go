@@ -115,6 +115,45 @@ func TestEntityRoundTrip(t *testing.T) {
 	}
 }
 
+// TestDecodeEntityV1 checks that states written by versions before
+// entityVersion 2, whose reach times were plain varints, still decode.
+func TestDecodeEntityV1(t *testing.T) {
+	want := store.Entity{LastSeen: 1793606400000, Dims: []uint32{3, 0}, Reached: []int64{1793606000000, store.NotReached}, Seen: []uint64{42}}
+	v1 := []byte{1}
+	v1 = binary.AppendVarint(v1, want.LastSeen)
+	v1 = append(v1, 2, 3, 0, 2)
+	v1 = binary.AppendVarint(v1, want.Reached[0])
+	v1 = binary.AppendVarint(v1, want.Reached[1])
+	v1 = append(v1, 1)
+	v1 = binary.LittleEndian.AppendUint64(v1, 42)
+	var got store.Entity
+	if err := store.DecodeEntity(&got, v1); err != nil || !entityEqual(&got, &want) {
+		t.Fatalf("DecodeEntity(%x) = %+v, %v; want %+v", v1, got, err, want)
+	}
+	if n, n1 := len(store.AppendEntity(nil, &want)), len(v1); n >= n1-10 {
+		t.Errorf("encoded in %d bytes, version 1 in %d; want 10 fewer at least (NotReached in one byte)", n, n1)
+	}
+}
+
+// FuzzReachedCode checks that ReachedCode and ReachedTime are inverse
+// bijections for any last-seen time, and that NotReached is code 0.
+func FuzzReachedCode(f *testing.F) {
+	f.Add(int64(1793606400000), int64(1793606000000), uint64(7))
+	f.Add(int64(math.MinInt64), int64(math.MaxInt64), uint64(math.MaxUint64))
+	f.Add(int64(0), store.NotReached, uint64(0))
+	f.Fuzz(func(t *testing.T, lastSeen, r int64, c uint64) {
+		if got := store.ReachedTime(lastSeen, store.ReachedCode(lastSeen, r)); got != r {
+			t.Errorf("ReachedTime(%d, ReachedCode(%d, %d)) = %d", lastSeen, lastSeen, r, got)
+		}
+		if got := store.ReachedCode(lastSeen, store.ReachedTime(lastSeen, c)); got != c {
+			t.Errorf("ReachedCode(%d, ReachedTime(%d, %d)) = %d", lastSeen, lastSeen, c, got)
+		}
+		if got := store.ReachedCode(lastSeen, store.NotReached); got != 0 {
+			t.Errorf("ReachedCode(%d, NotReached) = %d; want 0", lastSeen, got)
+		}
+	})
+}
+
 func TestDecodeEntityCorrupt(t *testing.T) {
 	valid := store.AppendEntity(nil, &store.Entity{LastSeen: 1, Dims: []uint32{1}, Reached: []int64{1}, Seen: []uint64{1}})
 	for _, tc := range []struct {
@@ -122,7 +161,7 @@ func TestDecodeEntityCorrupt(t *testing.T) {
 		b    []byte
 	}{
 		{"empty", nil},
-		{"unknown version", append([]byte{2}, valid[1:]...)},
+		{"unknown version", append([]byte{3}, valid[1:]...)},
 		{"truncated", valid[:len(valid)-1]},
 		{"trailing bytes", append(slices.Clone(valid), 0)},
 		{"dimension id beyond uint32", append([]byte{1, 0, 1}, binary.AppendUvarint(nil, math.MaxUint32+1)...)},
@@ -172,6 +211,7 @@ func FuzzVector(f *testing.F) {
 func FuzzEntity(f *testing.F) {
 	f.Add(store.AppendEntity(nil, &store.Entity{LastSeen: 1793606400000, Dims: []uint32{3, 0}, Reached: []int64{1793606400000, store.NotReached}, Seen: []uint64{42}}))
 	f.Add([]byte{1})
+	f.Add([]byte{1, 2, 0, 2, 4, 1, 0})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		var e store.Entity
 		if err := store.DecodeEntity(&e, b); err == nil {
