@@ -123,11 +123,16 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	var raw, fw []float64
 	var last benchResult
+	// The bench process's CPU while the baseline reads: the broker and the
+	// readers, which share the machine as funnelwatch and the broker do.
+	var rawCPU float64
 	for i := 0; i < *runs; i++ {
+		cpu0 := procCPU(os.Getpid())
 		r, err := rawConsume(ctx, brokers, *partitions, *events)
 		if err != nil {
 			return err
 		}
+		rawCPU = procCPU(os.Getpid()) - cpu0
 		raw = append(raw, r)
 		cfg, err := benchConfig(brokers, filepath.Join(*dir, strconv.Itoa(i)), i)
 		if err != nil {
@@ -179,6 +184,12 @@ client_golang, same series     %10s (ratio %.2f)
 `, mr, len(raw), mf, len(fw), mf/mr, last.cpu, last.cpu/float64(*events)*1e6, rss, last.peakRSS, last.resident, last.heap, last.goSys, last.mapped,
 		float64(last.storeBytes)/(1<<20), last.segments, last.scrape.Round(time.Microsecond), last.series, last.scrapeBytes,
 		last.baseline.Round(time.Microsecond), float64(last.scrape)/float64(last.baseline))
+	ev := float64(*events)
+	fmt.Fprintf(stdout, "kafka-go side cpu (last run)   %10.2f (%.2f µs per event, %.1f cores: the broker and the readers)\n",
+		rawCPU, rawCPU/ev*1e6, rawCPU/(ev/raw[len(raw)-1]))
+	if !*inProcess {
+		fmt.Fprintf(stdout, "broker cpu beside funnelwatch  %10.2f (%.2f µs per event: this process until funnelwatch was ready)\n", last.brokerCPU, last.brokerCPU/ev*1e6)
+	}
 	if last.proc == nil {
 		return nil
 	}
@@ -246,8 +257,11 @@ func benchConfig(brokers []string, dir string, run int) (processor.Config, error
 }
 
 type benchResult struct {
-	rate        float64 // records per second, from start to all applied
-	cpu         float64 // seconds
+	rate float64 // records per second, from start to all applied
+	cpu  float64 // seconds
+	// brokerCPU is the bench process's CPU seconds while funnelwatch ran
+	// in its own process: the broker serving it, and polling /readyz.
+	brokerCPU   float64
 	peakRSS     float64 // MiB
 	storeBytes  uint64
 	segments    int
@@ -334,7 +348,7 @@ func (p *fwProcess) stop() error {
 // records are applied, then measures its CPU time, peak RSS and scrape.
 // With keep the process is left running in the result.
 func funnelwatchProcess(ctx context.Context, exe string, cfg processor.Config, n int, keep bool) (res benchResult, err error) {
-	start := time.Now()
+	start, cpu0 := time.Now(), procCPU(os.Getpid())
 	p, err := startFunnelwatch(exe, cfg)
 	if err != nil {
 		return res, err
@@ -360,6 +374,7 @@ func funnelwatchProcess(ctx context.Context, exe string, cfg processor.Config, n
 	}
 	res.rate = float64(n) / time.Since(start).Seconds()
 	res.cpu, res.peakRSS = procCPU(p.cmd.Process.Pid), procPeakRSS(p.cmd.Process.Pid)
+	res.brokerCPU = procCPU(os.Getpid()) - cpu0
 	// Wait for the flush that stores the last offsets, then scrape.
 	deadline := time.Now().Add(30 * time.Second)
 	for {

@@ -115,6 +115,7 @@ func TestBenchCommand(t *testing.T) {
 	for _, want := range []string{
 		"raw kafka-go consumption", "funnelwatch end to end", "ratio", "cpu seconds", "peak RSS of funnelwatch run",
 		"store size", "/metrics scrape", "client_golang, same series", "restart to correct /metrics",
+		"kafka-go side cpu", "broker cpu beside funnelwatch",
 	} {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("output does not contain %q:\n%s", want, out)
