@@ -34,8 +34,8 @@ func benchEntityStates(b *testing.B, perBatch int) {
 		b.Fatal(err)
 	}
 	defer func() { _ = st.Close() }()
-	// The keys, as the bench's ids hash them, made and sorted before the
-	// clock starts: a batch draws indices and sorts those.
+	// The keys, ids scattered over the key space, made and sorted before
+	// the clock starts: a batch draws indices into them and sorts those.
 	type key struct {
 		part int
 		id   []byte
