@@ -102,43 +102,35 @@ func TestInspect(t *testing.T) {
 // quotes. The freshness phase is left out: it measures live traffic for a
 // fixed time and needs a machine that is not running the rest of the suite.
 func TestBenchCommand(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds and runs the binary")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, binary(t), "bench", "--events", "20000", "--runs", "1", "--freshness", "0", "--dir", t.TempDir())
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("bench: %v\n%s", err, out)
-	}
-	for _, want := range []string{
+	benchOutputs(t, []string{"--freshness", "0"},
 		"raw kafka-go consumption", "funnelwatch end to end", "ratio", "cpu seconds", "peak RSS of funnelwatch run",
 		"store size", "/metrics scrape", "client_golang, same series", "restart to correct /metrics",
-		"kafka-go side cpu", "broker cpu beside funnelwatch",
-	} {
-		if !strings.Contains(string(out), want) {
-			t.Errorf("output does not contain %q:\n%s", want, out)
-		}
-	}
+		"kafka-go side cpu", "broker cpu beside funnelwatch")
 }
 
 // TestBenchFreshness runs the freshness phase of `funnelwatch bench` at a
 // low fixed rate (--freshness-rate), which a machine busy with the rest
 // of the suite still keeps up with: the records must show in /metrics.
 func TestBenchFreshness(t *testing.T) {
+	benchOutputs(t, []string{"--freshness", "3s", "--freshness-rate", "2000"},
+		"freshness: 2000 events/s of live traffic for 3s", "records to /metrics: p50 ")
+}
+
+// benchOutputs runs `funnelwatch bench` on 20,000 events, one run, with
+// args, and checks that its output contains each of wants.
+func benchOutputs(t *testing.T, args []string, wants ...string) {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("builds and runs the binary")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, binary(t), "bench", "--events", "20000", "--runs", "1",
-		"--freshness", "3s", "--freshness-rate", "2000", "--dir", t.TempDir())
-	out, err := cmd.CombinedOutput()
+	args = append([]string{"bench", "--events", "20000", "--runs", "1", "--dir", t.TempDir()}, args...)
+	out, err := exec.CommandContext(ctx, binary(t), args...).CombinedOutput()
 	if err != nil {
 		t.Fatalf("bench: %v\n%s", err, out)
 	}
-	for _, want := range []string{"freshness: 2000 events/s of live traffic for 3s", "records to /metrics: p50 "} {
+	for _, want := range wants {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("output does not contain %q:\n%s", want, out)
 		}
